@@ -1,0 +1,1 @@
+"""Command-line entry points: flame-compile and flame-train."""

@@ -1,0 +1,1 @@
+"""Small example models used by flame-compile's built-in default and the docs."""

@@ -1,0 +1,1 @@
+"""The graph IR: dtypes, nodes, the primitive table, tracing, autodiff, passes, interpreter."""
