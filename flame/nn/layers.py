@@ -153,6 +153,13 @@ class ModuleList(Module):
 
 
 class Sequential(ModuleList):
+    """Sequential(a, b, c) or Sequential([a, b, c]), like torch."""
+
+    def __init__(self, *modules):
+        if len(modules) == 1 and isinstance(modules[0], (list, tuple)):
+            modules = modules[0]
+        super().__init__(modules)
+
     def forward(self, x):
         for m in self:
             x = m(x)
