@@ -19,6 +19,13 @@ class Compiled:
     def __init__(self, graph, backend):
         self.graph = graph
         self.backend = backend
+        if backend == "cpu":
+            from .runtime.cpu import CpuRunner
+            self.runner = CpuRunner(graph)
+            self._run = self.runner.run
+        else:
+            self.runner = None
+            self._run = lambda feeds: run_graph(graph, feeds)
         self._arg_inputs = [n for n in graph.inputs if n.attrs["kind"] == "arg"]
 
     def feeds(self, args, seed=0):
@@ -36,7 +43,7 @@ class Compiled:
         return feeds
 
     def __call__(self, *args, seed=0):
-        outs = run_graph(self.graph, self.feeds(args, seed))
+        outs = self._run(self.feeds(args, seed))
         return tree.unflatten(self.graph.out_tree, outs)
 
 
@@ -44,7 +51,7 @@ def compile(fn, *args, backend="interp", passes=None):
     """Trace fn on args (arrays or flame.spec) and return a Compiled callable."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend != "interp":
-        raise NotImplementedError(f"backend={backend!r} is not built yet (see issue 3); use backend='interp'")
+    if backend == "cuda":
+        raise NotImplementedError("backend='cuda' is not built yet (issue 3); use backend='interp' or 'cpu'")
     graph = optimize(trace(fn, *args), passes)
     return Compiled(graph, backend)

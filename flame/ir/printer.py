@@ -31,6 +31,9 @@ def fmt_bytes(n: int) -> str:
 
 
 def _num(v) -> str:
+    if isinstance(v, (np.floating, np.ndarray)) and np.asarray(v).dtype.itemsize <= 4 \
+            and np.asarray(v).dtype.kind == "f" and np.isfinite(v):
+        return str(np.float32(v))   # shortest text that reads back as the same float32
     v = v.item() if hasattr(v, "item") else v
     if isinstance(v, float):
         if v != v:

@@ -1,0 +1,41 @@
+"""Generated source lives in content-hashed files under the user's cache directory, so
+Numba's on-disk cache (which needs a real file) works across runs. The key covers the
+source, the backend and architecture, and the flame and Numba versions."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+
+_loaded = {}
+
+
+def cache_dir() -> str:
+    root = os.environ.get("FLAME_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flame")
+    return os.path.join(root, "kernels")
+
+
+def load(name: str, source: str, backend: str, arch: str = ""):
+    """Write `source` to its content-hashed file (once) and return its function `name`."""
+    import numba
+    from .. import __version__
+    key = hashlib.sha256("\0".join([source, backend, arch, __version__, numba.__version__]).encode()).hexdigest()[:20]
+    if key in _loaded:
+        return getattr(_loaded[key], name)
+    d = os.path.join(cache_dir(), backend)
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"{name}_{key}.py")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)   # atomic: a concurrent run sees the old file or the whole new one
+    modname = f"flame_kernels_{backend}_{name}_{key}"
+    spec = importlib.util.spec_from_file_location(modname, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = mod
+    spec.loader.exec_module(mod)
+    _loaded[key] = mod
+    return getattr(mod, name)

@@ -1,0 +1,351 @@
+"""One kernel description, shared by the CPU and CUDA renderers.
+
+`describe(kernel)` turns a fused Kernel into Python statement lines that compute its root at
+given loop coordinates: loads from materialized buffers (flat, contiguous), pointwise math
+with typed constants, movement ops as index arithmetic, reductions as accumulation loops.
+The renderers (cpu.py, cuda.py) only wrap those lines in loops: prange on the CPU, a thread
+per element or a block per row on the GPU. Both are Numba, so the statements are the same.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..ir import dtypes as dt
+from ..ir.graph import Node
+from .fusion import MOVEMENT_OPS, REDUCE_OPS, Kernel, is_literal
+
+CTOR = {dt.f32: "np.float32", dt.f64: "np.float64", dt.i32: "np.int32", dt.i64: "np.int64",
+        dt.boolean: "np.bool_"}
+
+
+class UnsupportedDtype(NotImplementedError):
+    pass
+
+
+def ctor(d: dt.DType) -> str:
+    if d not in CTOR:
+        raise UnsupportedDtype(f"{d.name} is not supported by the generated kernels yet "
+                               "(f16/bf16 storage arrives with the CUDA backend); use f32 or f64")
+    return CTOR[d]
+
+
+def literal(v, d: dt.DType) -> str:
+    v = np.asarray(v).item()
+    if d is dt.boolean:
+        return "True" if v else "False"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return f"{ctor(d)}(np.nan)"
+        if math.isinf(v):
+            return f"{ctor(d)}({'-' if v < 0 else ''}np.inf)"
+        return f"{ctor(d)}({v!r})"
+    return f"{ctor(d)}({int(v)})"
+
+
+def strides_of(shape):
+    st, acc = [], 1
+    for s in reversed(shape):
+        st.append(acc)
+        acc *= s
+    return tuple(reversed(st))
+
+
+def lin(coords, shape) -> str:
+    terms = []
+    for c, st, s in zip(coords, strides_of(shape), shape):
+        if c == "0" or s == 1:
+            continue
+        terms.append(c if st == 1 else f"{c} * {st}")
+    return " + ".join(terms) if terms else "0"
+
+
+_TOK = re.compile(r"[A-Za-z_]\w*")
+
+UNARY = {
+    "neg": "(-{0})", "exp": "math.exp({0})", "log": "math.log({0})", "sqrt": "math.sqrt({0})",
+    "rsqrt": "({one} / math.sqrt({0}))", "sin": "math.sin({0})", "cos": "math.cos({0})",
+    "tanh": "math.tanh({0})", "erf": "math.erf({0})", "abs": "abs({0})",
+    "sign": "({one} if {0} > {zero} else (-{one} if {0} < {zero} else {zero}))",
+    "reciprocal": "({one} / {0})", "sigmoid": "({one} / ({one} + math.exp(-{0})))",
+    "stop_gradient": "{0}", "logical_not": "(not {0})",
+}
+BINARY = {
+    "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
+    "pow": "({0} ** {1})", "maximum": "({0} if {0} >= {1} else {1})",
+    "minimum": "({0} if {0} <= {1} else {1})", "safe_mul": "({zero} if {0} == {zero} else {0} * {1})",
+    "eq": "({0} == {1})", "ne": "({0} != {1})", "lt": "({0} < {1})", "le": "({0} <= {1})",
+    "gt": "({0} > {1})", "ge": "({0} >= {1})", "logical_and": "({0} and {1})",
+}
+
+
+class Body:
+    """Statement lines of one loop level; inner levels see the outer level's values."""
+
+    def __init__(self, parent=None, loop_vars=()):
+        self.parent = parent
+        self.lines = []
+        self.memo = {}
+        self.own = set(loop_vars)  # names that vary in this loop
+
+    def lookup(self, key):
+        b = self
+        while b is not None:
+            if key in b.memo:
+                return b.memo[key]
+            b = b.parent
+        return None
+
+    def varies(self, text: str) -> bool:
+        return any(t in self.own for t in _TOK.findall(text))
+
+
+@dataclass
+class Described:
+    kernel: Kernel
+    params: list            # (name, node, role) role in read|write
+    outer_dims: tuple
+    inner_dims: tuple
+    n_outer: int
+    n_inner: int
+    row: Body = None
+    reductions: list = field(default_factory=list)   # (acc, op, dtype, Body, value_var, result_var)
+    store: object = None    # ("row", index_expr, value) or ("full", Body, index_expr, value)
+    lines: list = field(default_factory=list)         # row-level statements in order
+
+
+class Describer:
+    def __init__(self, kernel: Kernel):
+        self.k = kernel
+        self.members = kernel.member_ids
+        self.params = {}
+        self.param_list = []
+        self.red_vars = {}
+        self.n = 0
+        full, raxes = kernel.full, kernel.raxes
+        self.outer_dims = tuple(d for d in range(len(full)) if d not in raxes)
+        self.inner_dims = tuple(raxes)
+        self.ocoord = {d: (f"o{d}" if full[d] != 1 else "0") for d in self.outer_dims}
+        self.icoord = {d: (f"ri{d}" if full[d] != 1 else "0") for d in self.inner_dims}
+
+    def fresh(self, prefix="v"):
+        self.n += 1
+        return f"{prefix}{self.n}"
+
+    def param(self, node: Node, role="read") -> str:
+        if node.id not in self.params:
+            name = f"p{len(self.param_list)}" if role == "read" else "out"
+            self.params[node.id] = name
+            self.param_list.append((name, node, role))
+        return self.params[node.id]
+
+    # coordinates ---------------------------------------------------------
+    def full_coords(self):
+        return tuple(self.ocoord.get(d) or self.icoord[d] for d in range(len(self.k.full)))
+
+    def red_coords(self):
+        return tuple(self.ocoord.get(d, "0") for d in range(len(self.k.full)))
+
+    def assign(self, body: Body, expr: str, prefix="v") -> str:
+        if _TOK.fullmatch(expr) or expr.lstrip("-").isdigit():
+            return expr
+        while body.parent is not None and not body.varies(expr):
+            body = body.parent
+        v = self.fresh(prefix)
+        body.lines.append(f"{v} = {expr}")
+        if body.parent is not None:
+            body.own.add(v)
+        return v
+
+    # values --------------------------------------------------------------
+    def emit(self, body: Body, node: Node, coords: tuple) -> str:
+        coords = tuple("0" if s == 1 else c for c, s in zip(coords, node.shape))
+        key = (node.id, coords)
+        hit = body.lookup(key)
+        if hit is not None:
+            return hit
+        v = self._emit(body, node, coords)
+        # remember where the value lives: the outermost body it does not vary in
+        b = body
+        while b.parent is not None and not b.varies(v):
+            b = b.parent
+        b.memo[key] = v
+        return v
+
+    def _emit(self, body, node, coords):
+        if is_literal(node):
+            return literal(node.attrs["value"], node.dtype)
+        if node.id not in self.members:
+            ctor(node.dtype)
+            idx = self.assign(body, lin(coords, node.shape), "i")
+            return self.assign(body, f"{self.param(node)}[{idx}]")
+        if node.op in REDUCE_OPS:
+            if node.id not in self.red_vars or coords != tuple(
+                    c for c, s in zip(self.red_coords(), node.shape)):
+                raise AssertionError(f"reduction %{node.id} read off its rows in {self.k.name}")
+            return self.red_vars[node.id]
+        if node.op in MOVEMENT_OPS:
+            return self._movement(body, node, coords)
+        return self._pointwise(body, node, coords)
+
+    def _bcast(self, coords, out_shape, in_shape):
+        lead = len(out_shape) - len(in_shape)
+        return tuple("0" if s == 1 else coords[d + lead] for d, s in enumerate(in_shape))
+
+    def _pointwise(self, body, node, coords):
+        op, a = node.op, node.attrs
+        d = node.dtype if node.dtype.is_float else (node.inputs[0].dtype if node.inputs else node.dtype)
+        consts = {}
+        if d.is_float:
+            consts = {"one": literal(1.0, d), "zero": literal(0.0, d)}
+        elif d is not dt.boolean and node.inputs:
+            consts = {"one": literal(1, d), "zero": literal(0, d)}
+        if op in ("rand_uniform", "rand_normal"):
+            seed = self.emit(body, node.inputs[0], ())
+            idx = self.assign(body, lin(coords, node.shape), "i")
+            fn = "_uniform" if op == "rand_uniform" else "_normal"
+            return self.assign(body, f"{ctor(node.dtype)}({fn}({seed}, {a['stream']}, {idx}))")
+        if op == "const":
+            raise AssertionError("array constants are read from memory")
+        args = [self.emit(body, i, self._bcast(coords, node.shape, i.shape)) for i in node.inputs]
+        if op in UNARY:
+            return self.assign(body, UNARY[op].format(*args, **consts))
+        if op in BINARY:
+            if op in ("eq", "ne", "lt", "le", "gt", "ge", "logical_and"):
+                consts = {}
+            return self.assign(body, BINARY[op].format(*args, **consts))
+        if op == "where":
+            return self.assign(body, f"({args[1]} if {args[0]} else {args[2]})")
+        if op == "cast":
+            to = a["dtype"]
+            if to is dt.boolean:
+                return self.assign(body, f"({args[0]} != 0)")
+            return self.assign(body, f"{ctor(to)}({args[0]})")
+        raise NotImplementedError(f"no kernel rule for {op}")
+
+    def _movement(self, body, node, coords):
+        op, a, x = node.op, node.attrs, node.inputs[0]
+        if op == "reshape":
+            if x.shape == node.shape:
+                return self.emit(body, x, coords)
+            flat = self.assign(body, lin(coords, node.shape), "i")
+            st = strides_of(x.shape)
+            sub = []
+            for s, k in zip(x.shape, st):
+                if s == 1:
+                    sub.append("0")
+                else:
+                    e = flat if k == 1 else f"({flat} // {k})"
+                    e = e if k * s == math.prod(x.shape) else f"({e} % {s})"
+                    sub.append(self.assign(body, e, "i"))
+            return self.emit(body, x, tuple(sub))
+        if op == "permute":
+            sub = [None] * x.ndim
+            for k, p in enumerate(a["perm"]):
+                sub[p] = coords[k]
+            return self.emit(body, x, tuple(sub))
+        if op == "expand":
+            return self.emit(body, x, self._bcast(coords, node.shape, x.shape))
+        if op == "slice":
+            sub = []
+            for c, b, st in zip(coords, a["starts"], a["steps"]):
+                if c == "0":
+                    sub.append(str(b))
+                    continue
+                e = c if st == 1 else f"{c} * {st}"
+                e = f"{e} + {b}" if b else e
+                sub.append(c if e == c else self.assign(body, e, "i"))
+            return self.emit(body, x, tuple(sub))
+        if op == "upsample_nearest":
+            sh, sw = a["scale"]
+            sub = list(coords[:-2]) + [self.assign(body, f"({coords[-2]} // {sh})", "i"),
+                                       self.assign(body, f"({coords[-1]} // {sw})", "i")]
+            return self.emit(body, x, tuple(sub))
+        if op == "pad":
+            conds, sub = [], []
+            for c, s, (lo, hi, it) in zip(coords, x.shape, a["pads"]):
+                if (lo, hi, it) == (0, 0, 0):
+                    sub.append(c)
+                    continue
+                u = self.assign(body, f"({c} - {lo})", "i")
+                q = u if it == 0 else self.assign(body, f"({u} // {it + 1})", "i")
+                conds.append(f"{u} >= 0 and {q} < {s}" + (f" and {u} % {it + 1} == 0" if it else ""))
+                sub.append(self.assign(body, f"min(max({q}, 0), {s - 1})", "i"))
+            val = self.emit(body, x, tuple(sub))
+            cond = self.assign(body, "(" + " and ".join(conds) + ")", "c")
+            return self.assign(body, f"({val} if {cond} else {literal(a['value'], node.dtype)})")
+        if op == "concat":
+            ax = a["axis"]
+            c = coords[ax]
+            vals, offs, off = [], [], 0
+            for inp in node.inputs:
+                s = inp.shape[ax]
+                sub = list(coords)
+                sub[ax] = self.assign(body, f"min(max({c} - {off}, 0), {s - 1})", "i")
+                vals.append(self.emit(body, inp, tuple(sub)))
+                off += s
+                offs.append(off)
+            expr = vals[-1]
+            for v, end in zip(reversed(vals[:-1]), reversed(offs[:-1])):
+                expr = f"({v} if {c} < {end} else {expr})"
+            return self.assign(body, expr)
+        raise NotImplementedError(op)
+
+    # the whole kernel ----------------------------------------------------
+    def describe(self) -> Described:
+        k = self.k
+        root = k.root
+        n_outer = math.prod(k.full[d] for d in self.outer_dims)
+        n_inner = math.prod(k.full[d] for d in self.inner_dims)
+        row = Body(None, [v for v in self.ocoord.values() if v != "0"] + ["o"])
+        desc = Described(k, [], self.outer_dims, self.inner_dims, n_outer, n_inner, row)
+        inner_vars = [v for v in self.icoord.values() if v != "0"] + ["r"]
+        for n in k.nodes:
+            if n.op in REDUCE_OPS:
+                body = Body(row, inner_vars)
+                val = self.emit(body, n.inputs[0], self.full_coords())
+                acc = self.fresh("acc")
+                res = self.fresh("red")
+                self.red_vars[n.id] = res
+                desc.reductions.append((acc, n.op, n.dtype, body, val, res))
+                row.lines.append(("reduce", len(desc.reductions) - 1))
+        out = self.param(root, "write")
+        root = k.store   # reshapes after it only rename the buffer
+        if k.raxes and root.shape == k.full and root.op not in REDUCE_OPS:
+            body = Body(row, inner_vars)
+            val = self.emit(body, root, self.full_coords())
+            desc.store = ("full", body, lin(self.full_coords(), k.full), val)
+        else:
+            if root.op in REDUCE_OPS:
+                val = self.red_vars[root.id]
+            else:
+                val = self.emit(row, root, self.red_coords() if k.raxes else self.full_coords())
+            desc.store = ("row", lin(tuple(self.ocoord[d] for d in self.outer_dims),
+                                     tuple(k.full[d] for d in self.outer_dims)), val)
+        # outputs last: reads in order of first use, then the written buffer
+        desc.params = [p for p in self.param_list if p[2] == "read"] + \
+                      [p for p in self.param_list if p[2] == "write"]
+        return desc
+
+
+def describe(kernel: Kernel) -> Described:
+    return Describer(kernel).describe()
+
+
+def unravel(var: str, dims: tuple, full: tuple, names: dict) -> list:
+    """Statements that split flat loop index `var` into the coordinates of `dims`."""
+    lines, acc = [], 1
+    sizes = [full[d] for d in dims]
+    for j in range(len(dims) - 1, -1, -1):
+        d, s = dims[j], sizes[j]
+        if s == 1:
+            continue
+        e = var if acc == 1 else f"({var} // {acc})"
+        if acc * s != math.prod(sizes):
+            e = f"({e} % {s})"
+        lines.append(f"{names[d]} = {e}")
+        acc *= s
+    return list(reversed(lines))

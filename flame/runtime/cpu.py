@@ -1,0 +1,99 @@
+"""The CPU backend: fused kernels rendered as Numba CPU source, numpy's BLAS for matmul and
+conv (via the reference implementations), all buffers views into one planned arena."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..codegen import cpu as cpu_render
+from ..codegen.cache import load
+from ..codegen.fusion import fuse, is_literal
+from ..codegen.kernel import describe
+from ..ir.graph import Graph
+from ..ir.primitives import PRIMS
+from . import arena
+
+
+def _library(node):
+    """numpy implementation writing into `out` (a view of the arena)."""
+    op, a = node.op, node.attrs
+    if op == "matmul":
+        def run(out, x, y):
+            np.matmul(np.swapaxes(x, -1, -2) if a["ta"] else x,
+                      np.swapaxes(y, -1, -2) if a["tb"] else y, out=out)
+    elif op == "gather":
+        def run(out, t, i):
+            np.take(t, i, axis=0, out=out)
+    else:   # conv2d and its gradients, scatter_add: the reference implementation (BLAS inside)
+        impl = PRIMS[op].impl
+
+        def run(out, *xs):
+            out[...] = impl(a, *xs)
+    return run
+
+
+class CpuRunner:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.kernels = fuse(graph)
+        self.steps = []
+        self.sources = {}
+        step_of = {}
+        lifetimes = {}
+        for n in graph.inputs:
+            lifetimes[n.id] = [0, 0]
+        for n in graph.nodes:
+            if n.op == "const" and not is_literal(n):
+                lifetimes[n.id] = [0, 0]
+        for i, k in enumerate(self.kernels, start=1):
+            lifetimes[k.root.id] = [i, i]
+            step_of[k.root.id] = i
+            for r in (k.reads() if k.kind != "L" else list(k.root.inputs)):
+                if r.id in lifetimes:
+                    lifetimes[r.id][1] = max(lifetimes[r.id][1], i)
+        end = len(self.kernels) + 1
+        for o in graph.outputs:
+            if o.id in lifetimes:
+                lifetimes[o.id][1] = end
+        nodes = {n.id: n for n in graph.all_nodes()}
+        self.nodes = nodes
+        self.plan = arena.plan({i: tuple(v) for i, v in lifetimes.items()},
+                               {i: nodes[i].nbytes for i in lifetimes})
+        for k in self.kernels:
+            if k.kind == "L":
+                self.steps.append((k, _library(k.root), [i.id for i in k.root.inputs], k.root.id))
+            else:
+                d = describe(k)
+                src = cpu_render.module_source(d, k.name)
+                self.sources[k.name] = src
+                fn = load(k.name, src, "cpu")
+                self.steps.append((k, fn, [p[1].id for p in d.params if p[2] == "read"], k.root.id))
+        self.arena = np.empty(max(self.plan.peak, 1), np.uint8)
+
+    def view(self, nid, flat=False):
+        n = self.nodes[nid]
+        off = self.plan.offsets[nid]
+        v = self.arena[off: off + n.nbytes].view(n.dtype.np)
+        return v if flat else v.reshape(n.shape)
+
+    def run(self, feeds: dict) -> list:
+        g = self.graph
+        for n in g.inputs:
+            v = np.asarray(feeds[n.attrs["name"]])
+            if v.shape != n.shape:
+                raise ValueError(f"input {n.attrs['name']!r}: expected shape {list(n.shape)}, got {list(v.shape)}")
+            self.view(n.id)[...] = v
+        for n in g.nodes:
+            if n.op == "const" and n.id in self.plan.offsets:
+                self.view(n.id)[...] = n.attrs["value"]
+        for k, fn, reads, out in self.steps:
+            if k.kind == "L":
+                fn(self.view(out), *[self.view(r) for r in reads])
+            else:
+                fn(*[self.view(r, flat=True) for r in reads], self.view(out, flat=True))
+        outs = []
+        for o in g.outputs:
+            if is_literal(o) or (o.op == "const" and o.id not in self.plan.offsets):
+                outs.append(np.array(o.attrs["value"]))
+            else:
+                outs.append(self.view(o.id).copy())
+        return outs
