@@ -1,5 +1,9 @@
 """The CPU backend: fused kernels rendered as Numba CPU source, numpy's BLAS for matmul and
-conv (via the reference implementations), all buffers views into one planned arena."""
+conv (via the reference implementations), all buffers views into one planned arena.
+
+With target="cuda-sim" the same runner renders the CUDA source instead and launches it on
+the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1 must be set before numba.cuda is first
+imported): that is how CI runs every fusion class's CUDA code without a GPU."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,8 +36,10 @@ def _library(node):
 
 
 class CpuRunner:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, target: str = "cpu", block: int = 64):
         self.graph = graph
+        self.target = target
+        self.block = block
         self.kernels = fuse(graph)
         self.steps = []
         self.sources = {}
@@ -63,9 +69,15 @@ class CpuRunner:
                 self.steps.append((k, _library(k.root), [i.id for i in k.root.inputs], k.root.id))
             else:
                 d = describe(k)
-                src = cpu_render.module_source(d, k.name)
+                if target == "cpu":
+                    src = cpu_render.module_source(d, k.name)
+                    fn = load(k.name, src, "cpu")
+                else:
+                    from ..codegen import cuda as cuda_render
+                    src = cuda_render.module_source(d, k.name, block)
+                    grid, blk = cuda_render.launch_dims(d, block)
+                    fn = load(k.name, src, "cuda-sim")[grid, blk]
                 self.sources[k.name] = src
-                fn = load(k.name, src, "cpu")
                 self.steps.append((k, fn, [p[1].id for p in d.params if p[2] == "read"], k.root.id))
         self.arena = np.empty(max(self.plan.peak, 1), np.uint8)
 

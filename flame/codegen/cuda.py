@@ -1,0 +1,122 @@
+"""Render a kernel description as Numba CUDA source.
+
+Elementwise kernels: one thread per element. Row kernels: one block per row; each thread
+strides over the row, partial results meet in shared memory through a tree (no warp
+shuffles, so the Numba CUDA simulator runs them too). Every float constant is typed
+(np.float32(...)), so float32 kernels compile to float32 PTX."""
+from __future__ import annotations
+
+from ..ir import dtypes as dt
+from .kernel import Described, literal, unravel
+
+PRELUDE = '''import math
+import numpy as np
+import numba
+from numba import cuda
+
+_U = np.uint64
+_M = np.uint64(0xFFFFFFFF)
+
+
+@cuda.jit(device=True, inline=True)
+def _mix32(x):
+    x = x ^ (x >> _U(16))
+    x = (x * _U(0x7FEB352D)) & _M
+    x = x ^ (x >> _U(15))
+    x = (x * _U(0x846CA68B)) & _M
+    return x ^ (x >> _U(16))
+
+
+@cuda.jit(device=True, inline=True)
+def _bits(seed, stream, i):
+    k = _mix32(_U(seed & 0xFFFFFFFF) ^ _mix32(_U((stream + 0x9E3779B9) & 0xFFFFFFFF)))
+    return _mix32((_mix32(_U(i) ^ k) + k) & _M)
+
+
+@cuda.jit(device=True, inline=True)
+def _uniform(seed, stream, i):
+    return np.float32(_bits(seed, stream, i) >> _U(8)) * np.float32(5.9604644775390625e-08)
+
+
+@cuda.jit(device=True, inline=True)
+def _normal(seed, stream, i):
+    h1 = _bits(seed, stream, _U(2) * _U(i))
+    h2 = _bits(seed, stream, _U(2) * _U(i) + _U(1))
+    u1 = (np.float32(h1 >> _U(8)) + np.float32(1.0)) * np.float32(5.9604644775390625e-08)
+    u2 = np.float32(h2 >> _U(8)) * np.float32(5.9604644775390625e-08)
+    return math.sqrt(np.float32(-2.0) * math.log(u1)) * math.cos(np.float32(6.2831854820251465) * u2)
+
+'''
+
+NUMBA_TYPE = {dt.f32: "numba.float32", dt.f64: "numba.float64", dt.i32: "numba.int32",
+              dt.i64: "numba.int64", dt.boolean: "numba.boolean"}
+ELEMENTWISE_BLOCK = 256
+
+
+def _init(op, d):
+    if op == "sum":
+        return literal(0, d)
+    return literal(float("-inf"), d) if d.is_float else f"{literal(0, d).split('(')[0]}(-9223372036854775807)"
+
+
+def _combine(op, a, b):
+    return f"{a} + {b}" if op == "sum" else f"{b} if {b} > {a} else {a}"
+
+
+def launch_dims(desc: Described, block: int):
+    """(grid, block) for this kernel."""
+    if desc.inner_dims:
+        return desc.n_outer, block
+    return (desc.n_outer + ELEMENTWISE_BLOCK - 1) // ELEMENTWISE_BLOCK, ELEMENTWISE_BLOCK
+
+
+def render(desc: Described, name: str, block: int = 256) -> str:
+    """block: threads per row in row kernels (a power of two)."""
+    k = desc.kernel
+    params = ", ".join(p[0] for p in desc.params)
+    onames = {d: f"o{d}" for d in desc.outer_dims}
+    inames = {d: f"ri{d}" for d in desc.inner_dims}
+    out = ["@cuda.jit", f"def {name}({params}):"]
+    ind = "    "
+    rows = bool(desc.inner_dims)
+    if rows:
+        out += [ind + "o = cuda.blockIdx.x", ind + "tid = cuda.threadIdx.x"]
+    else:
+        out += [ind + "o = cuda.grid(1)", ind + f"if o >= {desc.n_outer}:", ind + "    return"]
+    out += [ind + l for l in unravel("o", desc.outer_dims, k.full, onames)]
+
+    def strided(body, tail):
+        lines = [ind + f"for r in range(tid, {desc.n_inner}, {block}):"]
+        lines += [ind + "    " + l for l in unravel("r", desc.inner_dims, k.full, inames)]
+        lines += [ind + "    " + l for l in body.lines]
+        return lines + [ind + "    " + t for t in tail]
+
+    for line in desc.row.lines:
+        if not isinstance(line, tuple):
+            out.append(ind + line)
+            continue
+        acc, op, d, body, val, res = desc.reductions[line[1]]
+        sm = f"sm_{acc}"
+        out.append(ind + f"{sm} = cuda.shared.array({block}, {NUMBA_TYPE[d]})")
+        out.append(ind + f"{acc} = {_init(op, d)}")
+        out += strided(body, [f"{acc} = {_combine(op, acc, val)}"])
+        out += [ind + f"{sm}[tid] = {acc}",
+                ind + "cuda.syncthreads()",
+                ind + f"s = {block // 2}",
+                ind + "while s > 0:",
+                ind + "    if tid < s:",
+                ind + f"        {sm}[tid] = {_combine(op, f'{sm}[tid]', f'{sm}[tid + s]')}",
+                ind + "    cuda.syncthreads()",
+                ind + "    s //= 2",
+                ind + f"{res} = {sm}[0]"]
+    if desc.store[0] == "row":
+        _, idx, val = desc.store
+        out.append(ind + ("if tid == 0:\n" + ind + "    " if rows else "") + f"out[{idx}] = {val}")
+    else:
+        _, body, idx, val = desc.store
+        out += strided(body, [f"out[{idx}] = {val}"])
+    return "\n".join(out) + "\n"
+
+
+def module_source(desc: Described, name: str, block: int = 256) -> str:
+    return PRELUDE + "\n" + render(desc, name, block)
