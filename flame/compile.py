@@ -16,12 +16,16 @@ class Compiled:
     like the traced function's return value. Parameters are read from their Parameter
     objects at every call, so updating `p.data` between calls needs no recompilation."""
 
-    def __init__(self, graph, backend):
+    def __init__(self, graph, backend, options=None):
         self.graph = graph
         self.backend = backend
         if backend == "cpu":
             from .runtime.cpu import CpuRunner
             self.runner = CpuRunner(graph)
+            self._run = self.runner.run
+        elif backend == "cuda":
+            from .runtime.cuda import CudaRunner
+            self.runner = CudaRunner(graph, **(options or {}))
             self._run = self.runner.run
         else:
             self.runner = None
@@ -47,11 +51,10 @@ class Compiled:
         return tree.unflatten(self.graph.out_tree, outs)
 
 
-def compile(fn, *args, backend="interp", passes=None):
-    """Trace fn on args (arrays or flame.spec) and return a Compiled callable."""
+def compile(fn, *args, backend="interp", passes=None, options=None):
+    """Trace fn on args (arrays or flame.spec) and return a Compiled callable.
+    options: backend settings (cuda: block, tf32, use_graph)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "cuda":
-        raise NotImplementedError("backend='cuda' is not built yet (issue 3); use backend='interp' or 'cpu'")
     graph = optimize(trace(fn, *args), passes)
-    return Compiled(graph, backend)
+    return Compiled(graph, backend, options)

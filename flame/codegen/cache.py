@@ -39,3 +39,22 @@ def load(name: str, source: str, backend: str, arch: str = ""):
     spec.loader.exec_module(mod)
     _loaded[key] = mod
     return getattr(mod, name)
+
+
+def cached_text(key_parts, name: str, suffix: str, make) -> str:
+    """Text derived from generated source (PTX, say), kept beside it under its own hash."""
+    import numba
+    from .. import __version__
+    key = hashlib.sha256("\0".join(list(key_parts) + [__version__, numba.__version__]).encode()).hexdigest()[:20]
+    d = os.path.join(cache_dir(), suffix)
+    path = os.path.join(d, f"{name}_{key}.{suffix}")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    text = make()
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return text

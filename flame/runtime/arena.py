@@ -42,3 +42,27 @@ def plan(lifetimes: dict, sizes: dict) -> Plan:
     peak = max((o + sz for _, _, o, sz in placed), default=0)
     naive = sum(_align(max(sizes[i], 1)) for i in lifetimes)
     return Plan(offsets, {i: sizes[i] for i in lifetimes}, peak, naive)
+
+
+def plan_graph(graph, kernels) -> Plan:
+    """Lifetimes of every materialized buffer of a fused schedule, then plan(): graph inputs
+    and array constants are written before step 1, each kernel's root at its step, and
+    outputs stay alive to the end."""
+    from ..codegen.fusion import is_literal
+    lifetimes = {}
+    for n in graph.inputs:
+        lifetimes[n.id] = [0, 0]
+    for n in graph.nodes:
+        if n.op == "const" and not is_literal(n):
+            lifetimes[n.id] = [0, 0]
+    for i, k in enumerate(kernels, start=1):
+        lifetimes[k.root.id] = [i, i]
+        for r in (k.reads() if k.kind != "L" else list(k.root.inputs)):
+            if r.id in lifetimes:
+                lifetimes[r.id][1] = max(lifetimes[r.id][1], i)
+    end = len(kernels) + 1
+    for o in graph.outputs:
+        if o.id in lifetimes:
+            lifetimes[o.id][1] = end
+    nodes = {n.id: n for n in graph.all_nodes()}
+    return plan({i: tuple(v) for i, v in lifetimes.items()}, {i: nodes[i].nbytes for i in lifetimes})

@@ -43,27 +43,8 @@ class CpuRunner:
         self.kernels = fuse(graph)
         self.steps = []
         self.sources = {}
-        step_of = {}
-        lifetimes = {}
-        for n in graph.inputs:
-            lifetimes[n.id] = [0, 0]
-        for n in graph.nodes:
-            if n.op == "const" and not is_literal(n):
-                lifetimes[n.id] = [0, 0]
-        for i, k in enumerate(self.kernels, start=1):
-            lifetimes[k.root.id] = [i, i]
-            step_of[k.root.id] = i
-            for r in (k.reads() if k.kind != "L" else list(k.root.inputs)):
-                if r.id in lifetimes:
-                    lifetimes[r.id][1] = max(lifetimes[r.id][1], i)
-        end = len(self.kernels) + 1
-        for o in graph.outputs:
-            if o.id in lifetimes:
-                lifetimes[o.id][1] = end
-        nodes = {n.id: n for n in graph.all_nodes()}
-        self.nodes = nodes
-        self.plan = arena.plan({i: tuple(v) for i, v in lifetimes.items()},
-                               {i: nodes[i].nbytes for i in lifetimes})
+        self.nodes = {n.id: n for n in graph.all_nodes()}
+        self.plan = arena.plan_graph(graph, self.kernels)
         for k in self.kernels:
             if k.kind == "L":
                 self.steps.append((k, _library(k.root), [i.id for i in k.root.inputs], k.root.id))

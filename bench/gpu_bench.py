@@ -1,0 +1,272 @@
+"""GPU benchmarks: flame's CUDA backend beside PyTorch on the same GPU in the same run.
+
+    PYTHONPATH=. python bench/gpu_bench.py [--out results.json] [--quick]
+
+Times are medians of CUDA-event-timed repetitions after warm-up; flame runs its captured
+CUDA graph (device-resident inputs, no host copies), torch runs eager on the same inputs."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+
+import flame
+import flame.nn as nn
+import flame.nn.functional as F
+from flame.ir import ops
+from flame.runtime.cuda import _ck
+
+ROWS = []
+
+
+def median_ms_flame(runner, reps=50):
+    from cuda.bindings import driver
+    runner.replay()
+    runner.sync()
+    times = []
+    for _ in range(reps):
+        e0, e1 = _ck(driver.cuEventCreate(0)), _ck(driver.cuEventCreate(0))
+        _ck(driver.cuEventRecord(e0, runner.hstream))
+        runner.replay()
+        _ck(driver.cuEventRecord(e1, runner.hstream))
+        _ck(driver.cuEventSynchronize(e1))
+        times.append(_ck(driver.cuEventElapsedTime(e0, e1)))
+    return float(np.median(times))
+
+
+def median_ms_torch(fn, reps=50):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(np.median(times))
+
+
+def flame_runner(fn, *inputs, **opts):
+    c = flame.compile(fn, *inputs, backend="cuda", options=opts or None)
+    c.runner.upload(c.feeds(inputs))
+    return c.runner
+
+
+def row(name, flame_ms, torch_ms, bytes_=None, flops=None, note=""):
+    r = {"bench": name, "flame_ms": round(flame_ms, 4), "torch_ms": round(torch_ms, 4),
+         "speedup": round(torch_ms / flame_ms, 3) if flame_ms else None, "note": note}
+    if bytes_:
+        r["flame_GBps"] = round(bytes_ / flame_ms / 1e6, 1)
+        r["torch_GBps"] = round(bytes_ / torch_ms / 1e6, 1)
+    if flops:
+        r["flame_TFLOPs"] = round(flops / flame_ms / 1e9, 1)
+        r["torch_TFLOPs"] = round(flops / torch_ms / 1e9, 1)
+    ROWS.append(r)
+    print(json.dumps(r), flush=True)
+
+
+def rnd(*shape):
+    return np.random.default_rng().standard_normal(shape).astype(np.float32)
+
+
+def bench_elementwise():
+    n = 1 << 24
+    x = rnd(n)
+    fn = lambda x: ((x * 1.5 + 1.0).tanh() * 0.5 + x).sigmoid() * x - 0.25
+    fr = flame_runner(fn, x)
+    ms = median_ms_flame(fr)
+    tx = torch.from_numpy(x).cuda()
+    copy_ms = median_ms_torch(lambda: tx.clone())
+    t_ms = median_ms_torch(lambda: (torch.tanh(tx * 1.5 + 1.0) * 0.5 + tx).sigmoid() * tx - 0.25)
+    row("elementwise chain 16M f32 (vs torch eager)", ms, t_ms, bytes_=8 * n)
+    row("elementwise chain 16M f32 (vs torch D2D copy)", ms, copy_ms, bytes_=8 * n,
+        note=f"flame at {100 * copy_ms / ms:.0f}% of copy bandwidth")
+
+
+def bench_rows():
+    cases = [
+        ("softmax 4096x4096", lambda x: F.softmax(x, dim=-1), lambda t: torch.softmax(t, -1), (4096, 4096)),
+        ("layer_norm 8192x768", lambda x: F.layer_norm(x, (768,)), lambda t: torch.nn.functional.layer_norm(t, (768,)), (8192, 768)),
+        ("group_norm 2x320x64x64", lambda x: F.group_norm(x, 32), lambda t: torch.nn.functional.group_norm(t, 32), (2, 320, 64, 64)),
+    ]
+    for name, ff, tf, shape in cases:
+        x = rnd(*shape)
+        n = x.size
+        fr = flame_runner(ff, x)
+        tx = torch.from_numpy(x).cuda()
+        row(f"{name} fwd", median_ms_flame(fr), median_ms_torch(lambda: tf(tx)), bytes_=8 * n,
+            note=f"{len(fr.kernels)} kernel(s)")
+        w = rnd(*shape)
+        vg = flame.value_and_grad(lambda x: (ff(x) * flame.const(w)).sum())
+        fr = flame_runner(vg, x)
+        tw = torch.from_numpy(w).cuda()
+        txg = tx.clone().requires_grad_(True)
+
+        def torch_fb():
+            y = tf(txg)
+            (g,) = torch.autograd.grad((y * tw).sum(), txg)
+            return g
+        row(f"{name} fwd+bwd", median_ms_flame(fr), median_ms_torch(torch_fb), note=f"{len(fr.kernels)} kernels")
+
+
+def bench_gemm():
+    shapes = [(4096, 320, 320), (4096, 320, 1280), (4096, 1280, 320), (1024, 640, 640), (256, 1280, 1280), (4096, 4096, 4096)]
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        for m, k, n in shapes:
+            a, b = rnd(m, k), rnd(k, n)
+            fr = flame_runner(lambda a, b: a @ b, a, b, tf32=tf32)
+            ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
+            row(f"gemm {'tf32' if tf32 else 'fp32'} {m}x{k}x{n}", median_ms_flame(fr),
+                median_ms_torch(lambda: ta @ tb), flops=2 * m * n * k)
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def bench_conv():
+    torch.backends.cudnn.allow_tf32 = False
+    for n, c, hw in ((2, 320, 64), (2, 640, 32), (2, 1280, 16)):
+        x, w = rnd(n, c, hw, hw), rnd(c, c, 3, 3) * 0.05
+        flops = 2 * n * c * c * 9 * hw * hw
+        fr = flame_runner(lambda x, w: F.conv2d(x, w, None, 1, 1), x, w)
+        tx, tw = torch.from_numpy(x).cuda(), torch.from_numpy(w).cuda()
+        row(f"conv3x3 fp32 {n}x{c}x{hw}x{hw} fwd", median_ms_flame(fr),
+            median_ms_torch(lambda: torch.nn.functional.conv2d(tx, tw, padding=1)), flops=flops, note="torch: cuDNN")
+        g = rnd(n, c, hw, hw)
+        vg = flame.value_and_grad(lambda x, w: (F.conv2d(x, w, None, 1, 1) * flame.const(g)).sum(), argnums=(0, 1))
+        fr = flame_runner(vg, x, w)
+        txg, twg, tg = tx.clone().requires_grad_(True), tw.clone().requires_grad_(True), torch.from_numpy(g).cuda()
+
+        def tfb():
+            y = torch.nn.functional.conv2d(txg, twg, padding=1)
+            return torch.autograd.grad((y * tg).sum(), (txg, twg))
+        row(f"conv3x3 fp32 {n}x{c}x{hw}x{hw} fwd+bwd", median_ms_flame(fr), median_ms_torch(tfb), flops=3 * flops)
+
+
+class Block(nn.Module):
+    def __init__(self, c=64, groups=8, heads=2):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+        self.heads = heads
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        y = F.silu(self.norm(self.conv(x)))
+        t = y.reshape(n, c, h * w).transpose(1, 2)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        sh = lambda z: z.reshape(n, h * w, self.heads, c // self.heads).transpose(1, 2)
+        a = F.scaled_dot_product_attention(sh(q), sh(k), sh(v))
+        a = self.proj(a.transpose(1, 2).reshape(n, h * w, c))
+        return x + a.transpose(1, 2).reshape(n, c, h, w)
+
+
+class TorchBlock(torch.nn.Module):
+    def __init__(self, c=64, groups=8, heads=2):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(groups, c)
+        self.qkv = torch.nn.Linear(c, 3 * c)
+        self.proj = torch.nn.Linear(c, c)
+        self.heads = heads
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        y = torch.nn.functional.silu(self.norm(self.conv(x)))
+        t = y.reshape(n, c, h * w).transpose(1, 2)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        sh = lambda z: z.reshape(n, h * w, self.heads, c // self.heads).transpose(1, 2)
+        a = torch.nn.functional.scaled_dot_product_attention(sh(q), sh(k), sh(v))
+        a = self.proj(a.transpose(1, 2).reshape(n, h * w, c))
+        return x + a.transpose(1, 2).reshape(n, c, h, w)
+
+
+def bench_block(with_compile=True):
+    flame.manual_seed(0)
+    model = Block()
+    x, t = rnd(2, 64, 16, 16), rnd(2, 64, 16, 16)
+    lr = 1e-3
+
+    def step(x, t):
+        loss, grads = flame.value_and_grad(lambda x, t: F.mse_loss(model(x), t), params=model)(x, t)
+        return loss, {k: p - lr * grads[k] for k, p in model.named_parameters()}
+    c = flame.compile(step, x, t, backend="cuda")
+    fr = c.runner
+    fr.upload(c.feeds((x, t)))
+    ms = median_ms_flame(fr)
+    # host cost of a replay: wall time of launching the graph, per captured launch
+    fr.replay(); fr.sync()
+    t0 = time.perf_counter()
+    reps = 200
+    for _ in range(reps):
+        fr.replay()
+    host = (time.perf_counter() - t0) / reps
+    fr.sync()
+    tm = TorchBlock().cuda()
+    with torch.no_grad():
+        for (k, p) in model.named_parameters():
+            dict(tm.named_parameters())[k].copy_(torch.from_numpy(p.data))
+    opt = torch.optim.SGD(tm.parameters(), lr=lr)
+    tx, tt = torch.from_numpy(x).cuda(), torch.from_numpy(t).cuda()
+
+    def tstep(m=tm):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(m(tx), tt)
+        loss.backward()
+        opt.step()
+    eager = median_ms_torch(tstep)
+    row("block train step 2x64x16x16 (vs torch eager)", ms, eager,
+        note=f"{fr.launches} launches in 1 CUDA graph; host {1e6 * host / max(fr.launches, 1):.2f} us/launch at replay")
+    if with_compile:
+        try:
+            cm = torch.compile(tm)
+            t0 = time.time()
+            tstep(cm)
+            torch.cuda.synchronize()
+            row("block train step 2x64x16x16 (vs torch.compile)", ms, median_ms_torch(lambda: tstep(cm)),
+                note=f"torch.compile warm-up {time.time() - t0:.0f}s")
+        except Exception as e:
+            print(f"torch.compile failed: {type(e).__name__}: {e}", file=sys.stderr)
+    ROWS.append({"bench": "launches per block training step", "value": fr.launches,
+                 "host_us_per_launch": round(1e6 * host / max(fr.launches, 1), 3)})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="")
+    ap.add_argument("--only", default="")
+    args = ap.parse_args()
+    print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    for name, fn in (("elementwise", bench_elementwise), ("rows", bench_rows), ("gemm", bench_gemm),
+                     ("conv", bench_conv), ("block", bench_block)):
+        if args.only and name not in args.only.split(","):
+            continue
+        try:
+            fn()
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            ROWS.append({"bench": name, "error": f"{type(e).__name__}: {e}"})
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                       "rows": ROWS}, f, indent=1)
+    print("\n| bench | flame ms | torch ms | speedup (torch ms / flame ms) | note |")
+    for r in ROWS:
+        print(f"| {r['bench']} | {r.get('flame_ms', r.get('value', ''))} | {r.get('torch_ms', '')} | "
+              f"{r.get('speedup', '')} | {r.get('note', r.get('error', ''))} "
+              f"{('GB/s ' + str(r['flame_GBps']) + ' vs ' + str(r['torch_GBps'])) if 'flame_GBps' in r else ''}"
+              f"{('TFLOP/s ' + str(r['flame_TFLOPs']) + ' vs ' + str(r['torch_TFLOPs'])) if 'flame_TFLOPs' in r else ''}|")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""backend="cuda" against the reference interpreter, on a real GPU (skipped without one)."""
+import numpy as np
+import pytest
+
+import flame
+import flame.nn as nn
+import flame.nn.functional as F
+from flame.ir import ops
+
+
+def _have_gpu():
+    try:
+        from cuda.bindings import driver
+        if int(driver.cuInit(0)[0]) != 0:
+            return False
+        err, n = driver.cuDeviceGetCount()
+        return int(err) == 0 and n > 0
+    except Exception:
+        return False
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _have_gpu(), reason="no NVIDIA GPU")]
+
+rng = np.random.default_rng()
+
+
+def r(*shape, lo=None):
+    a = rng.standard_normal(shape).astype(np.float32)
+    return np.abs(a) + 0.5 if lo == "pos" else a
+
+
+# (name, fn, inputs): forward on cuda vs interp; float inputs also get a backward check
+CASES = [
+    ("unary", lambda x: (x.exp() + x.sin() * x.cos() + x.tanh() + x.erf() + x.abs() + x.sigmoid()
+                         - x.sign() + x.neg()), [r(33, 65)]),
+    ("positive", lambda x: x.log() + x.sqrt() + x.rsqrt() + x.reciprocal() + x ** 1.5, [r(7, 129, lo="pos")]),
+    ("binary_bcast", lambda x, y: (x + y) * (x - y) / (y * y + 1.0) + x.maximum(y) - x.minimum(y), [r(4, 1, 37), r(5, 37)]),
+    ("compare_where", lambda x, y: flame.where((x > y) & (x != 0.5), x, y * 2.0), [r(9, 17), r(17)]),
+    ("reduce", lambda x: x.sum((0, 2)) + x.amax(1).sum(1) * 0.1, [r(6, 7, 8)]),
+    ("softmax", lambda x: F.softmax(x, dim=-1), [r(64, 300)]),
+    ("layer_norm", lambda x, w, b: F.layer_norm(x, (96,), w, b), [r(50, 96), r(96), r(96)]),
+    ("group_norm", lambda x, w, b: F.group_norm(x, 4, w, b), [r(2, 16, 9, 9), r(16), r(16)]),
+    ("movement", lambda x: (x.permute(2, 0, 1)[1:, ::2, :].reshape(-1) * 2.0), [r(6, 8, 5)]),
+    ("pad_concat", lambda x, y: flame.cat([F.pad(x, (1, 2, 0, 1)), y], dim=0), [r(3, 4), r(2, 7)]),
+    ("upsample", lambda x: F.interpolate(x, scale_factor=2) + 1.0, [r(2, 3, 4, 5)]),
+    ("matmul", lambda x, y: x @ y, [r(64, 48), r(48, 80)]),
+    ("matmul_batch_bcast", lambda x, y: x @ y, [r(2, 3, 16, 24), r(3, 24, 8)]),
+    ("matmul_t", lambda x, y: ops.matmul_t(x, y, ta=True, tb=True), [r(24, 16), r(8, 24)]),
+    ("conv", lambda x, w: F.conv2d(x, w, None, 1, 1), [r(2, 8, 12, 12), r(16, 8, 3, 3)]),
+    ("conv_strided_groups", lambda x, w: F.conv2d(x, w, None, 2, 1, 1, 2), [r(2, 8, 11, 11), r(6, 4, 3, 3)]),
+    ("attention", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), [r(2, 2, 16, 8), r(2, 2, 16, 8), r(2, 2, 16, 8)]),
+    ("gelu_silu", lambda x: F.gelu(x) + F.silu(x) + F.gelu(x, approximate="tanh"), [r(128, 64)]),
+]
+
+
+def close(a, b, tol=2e-4):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+    assert err < tol, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name,fn,inputs", CASES, ids=[c[0] for c in CASES])
+def test_forward_and_backward_match_interpreter(name, fn, inputs):
+    ref = flame.compile(fn, *inputs)(*inputs)
+    got = flame.compile(fn, *inputs, backend="cuda")(*inputs)
+    close(got, ref)
+    w = r(*np.shape(ref))
+
+    def loss(*xs):
+        return (fn(*xs) * flame.const(w)).sum()
+    vg = flame.value_and_grad(loss, argnums=tuple(range(len(inputs))))
+    (v_ref, g_ref) = flame.compile(vg, *inputs)(*inputs)
+    (v_got, g_got) = flame.compile(vg, *inputs, backend="cuda")(*inputs)
+    close(v_got, v_ref, 1e-3)
+    for a, b in zip(g_got, g_ref):
+        close(a, b, 1e-3)
+
+
+def test_random_same_numbers_as_interpreter():
+    fn = lambda x: flame.rand_uniform((1000,), seed=7) + x
+    x = r(1000)
+    assert np.array_equal(flame.compile(fn, x, backend="cuda")(x), flame.compile(fn, x)(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c=8, groups=4, heads=2):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+        self.heads = heads
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        y = F.silu(self.norm(self.conv(x)))
+        t = y.reshape(n, c, h * w).transpose(1, 2)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        sh = lambda z: z.reshape(n, h * w, self.heads, c // self.heads).transpose(1, 2)
+        a = F.scaled_dot_product_attention(sh(q), sh(k), sh(v))
+        a = self.proj(a.transpose(1, 2).reshape(n, h * w, c))
+        return x + a.transpose(1, 2).reshape(n, c, h, w)
+
+
+def test_block_training_step_equals_cpu_backend():
+    flame.manual_seed(0)
+    model = Block()
+    x, target = r(2, 8, 8, 8), r(2, 8, 8, 8)
+
+    def step(x, target):
+        return flame.value_and_grad(lambda x, t: F.mse_loss(model(x), t), params=model)(x, target)
+    cpu = flame.compile(step, x, target, backend="cpu")(x, target)
+    gpu = flame.compile(step, x, target, backend="cuda")(x, target)
+    close(gpu[0], cpu[0], 1e-4)
+    for k in cpu[1]:
+        close(gpu[1][k], cpu[1][k], 1e-3)
