@@ -63,9 +63,16 @@ def _combine(op, a, b):
     return f"{a} + {b}" if op == "sum" else f"{b} if {b} > {a} else {a}"
 
 
+def block_per_row(desc: Described) -> bool:
+    """Rows whose last axis is reduced are contiguous: a block strides along each. Otherwise
+    (reductions over leading axes) adjacent threads take adjacent outputs and each loops over
+    its row alone, so the loads stay coalesced."""
+    return bool(desc.inner_dims) and (len(desc.kernel.full) - 1) in desc.inner_dims
+
+
 def launch_dims(desc: Described, block: int):
     """(grid, block) for this kernel."""
-    if desc.inner_dims:
+    if block_per_row(desc):
         return desc.n_outer, block
     return (desc.n_outer + ELEMENTWISE_BLOCK - 1) // ELEMENTWISE_BLOCK, ELEMENTWISE_BLOCK
 
@@ -78,7 +85,7 @@ def render(desc: Described, name: str, block: int = 256) -> str:
     inames = {d: f"ri{d}" for d in desc.inner_dims}
     out = ["@cuda.jit", f"def {name}({params}):"]
     ind = "    "
-    rows = bool(desc.inner_dims)
+    rows = block_per_row(desc)
     if rows:
         out += [ind + "o = cuda.blockIdx.x", ind + "tid = cuda.threadIdx.x"]
     else:
@@ -86,7 +93,8 @@ def render(desc: Described, name: str, block: int = 256) -> str:
     out += [ind + l for l in unravel("o", desc.outer_dims, k.full, onames)]
 
     def strided(body, tail):
-        lines = [ind + f"for r in range(tid, {desc.n_inner}, {block}):"]
+        loop = f"range(tid, {desc.n_inner}, {block})" if rows else f"range({desc.n_inner})"
+        lines = [ind + f"for r in {loop}:"]
         lines += [ind + "    " + l for l in unravel("r", desc.inner_dims, k.full, inames)]
         lines += [ind + "    " + l for l in body.lines]
         return lines + [ind + "    " + t for t in tail]
@@ -96,6 +104,11 @@ def render(desc: Described, name: str, block: int = 256) -> str:
             out.append(ind + line)
             continue
         acc, op, d, body, val, res = desc.reductions[line[1]]
+        if not rows:
+            out.append(ind + f"{acc} = {_init(op, d)}")
+            out += strided(body, [f"{acc} = {_combine(op, acc, val)}"])
+            out.append(ind + f"{res} = {acc}")
+            continue
         sm = f"sm_{acc}"
         out.append(ind + f"{sm} = cuda.shared.array({block}, {NUMBA_TYPE[d]})")
         out.append(ind + f"{acc} = {_init(op, d)}")
@@ -109,12 +122,13 @@ def render(desc: Described, name: str, block: int = 256) -> str:
                 ind + "    cuda.syncthreads()",
                 ind + "    s //= 2",
                 ind + f"{res} = {sm}[0]"]
+    store = (lambda v: f"np.uint8(1) if {v} else np.uint8(0)") if k.store.dtype is dt.boolean else (lambda v: v)
     if desc.store[0] == "row":
         _, idx, val = desc.store
-        out.append(ind + ("if tid == 0:\n" + ind + "    " if rows else "") + f"out[{idx}] = {val}")
+        out.append(ind + ("if tid == 0:\n" + ind + "    " if rows else "") + f"out[{idx}] = {store(val)}")
     else:
         _, body, idx, val = desc.store
-        out += strided(body, [f"out[{idx}] = {val}"])
+        out += strided(body, [f"out[{idx}] = {store(val)}"])
     return "\n".join(out) + "\n"
 
 

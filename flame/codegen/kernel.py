@@ -181,6 +181,8 @@ class Describer:
         if node.id not in self.members:
             ctor(node.dtype)
             idx = self.assign(body, lin(coords, node.shape), "i")
+            if node.dtype is dt.boolean:   # bools live in memory as one byte, 0 or 1
+                return self.assign(body, f"({self.param(node)}[{idx}] != 0)")
             return self.assign(body, f"{self.param(node)}[{idx}]")
         if node.op in REDUCE_OPS:
             if node.id not in self.red_vars or coords != tuple(

@@ -13,6 +13,7 @@ class Plan:
     sizes: dict        # node id -> bytes
     peak: int          # arena bytes
     naive: int         # bytes if nothing were reused
+    aliases: dict = None   # node id -> id of the buffer it shares (pure reshapes)
 
     def describe(self) -> str:
         from ..ir.printer import fmt_bytes
@@ -44,25 +45,44 @@ def plan(lifetimes: dict, sizes: dict) -> Plan:
     return Plan(offsets, {i: sizes[i] for i in lifetimes}, peak, naive)
 
 
+def alias_of(k):
+    """A kernel that only reshapes a materialized buffer needs no copy: the id of the buffer
+    it renames, else None."""
+    if k.kind != "E" or any(n.op != "reshape" for n in k.nodes):
+        return None
+    src = k.nodes[0].inputs[0]
+    return None if src.op == "const" and src.shape == () else src.id
+
+
 def plan_graph(graph, kernels) -> Plan:
     """Lifetimes of every materialized buffer of a fused schedule, then plan(): graph inputs
     and array constants are written before step 1, each kernel's root at its step, and
-    outputs stay alive to the end."""
+    outputs stay alive to the end. A pure reshape shares its source's bytes (see alias_of)."""
     from ..codegen.fusion import is_literal
     lifetimes = {}
+    aliases = {}
     for n in graph.inputs:
         lifetimes[n.id] = [0, 0]
     for n in graph.nodes:
         if n.op == "const" and not is_literal(n):
             lifetimes[n.id] = [0, 0]
+    root = lambda i: aliases.get(i, i)
     for i, k in enumerate(kernels, start=1):
+        src = alias_of(k)
+        if src is not None and root(src) in lifetimes:
+            aliases[k.root.id] = root(src)
+            continue
         lifetimes[k.root.id] = [i, i]
         for r in (k.reads() if k.kind != "L" else list(k.root.inputs)):
-            if r.id in lifetimes:
-                lifetimes[r.id][1] = max(lifetimes[r.id][1], i)
+            if root(r.id) in lifetimes:
+                lifetimes[root(r.id)][1] = max(lifetimes[root(r.id)][1], i)
     end = len(kernels) + 1
     for o in graph.outputs:
-        if o.id in lifetimes:
-            lifetimes[o.id][1] = end
+        if root(o.id) in lifetimes:
+            lifetimes[root(o.id)][1] = end
     nodes = {n.id: n for n in graph.all_nodes()}
-    return plan({i: tuple(v) for i, v in lifetimes.items()}, {i: nodes[i].nbytes for i in lifetimes})
+    p = plan({i: tuple(v) for i, v in lifetimes.items()}, {i: nodes[i].nbytes for i in lifetimes})
+    for a, src in aliases.items():
+        p.offsets[a] = p.offsets[src]
+    p.aliases = aliases
+    return p

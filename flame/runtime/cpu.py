@@ -12,6 +12,7 @@ from ..codegen import cpu as cpu_render
 from ..codegen.cache import load
 from ..codegen.fusion import fuse, is_literal
 from ..codegen.kernel import describe
+from ..codegen.split import split_reductions
 from ..ir.graph import Graph
 from ..ir.primitives import PRIMS
 from . import arena
@@ -37,7 +38,7 @@ def _library(node):
 
 class CpuRunner:
     def __init__(self, graph: Graph, target: str = "cpu", block: int = 64):
-        self.graph = graph
+        self.graph = graph = split_reductions(graph)
         self.target = target
         self.block = block
         self.kernels = fuse(graph)
@@ -46,6 +47,8 @@ class CpuRunner:
         self.nodes = {n.id: n for n in graph.all_nodes()}
         self.plan = arena.plan_graph(graph, self.kernels)
         for k in self.kernels:
+            if k.root.id in self.plan.aliases:
+                continue    # a reshape of a buffer: same bytes, nothing to run
             if k.kind == "L":
                 self.steps.append((k, _library(k.root), [i.id for i in k.root.inputs], k.root.id))
             else:

@@ -14,6 +14,7 @@ from ..codegen import library_cuda as lib
 from ..codegen.cache import load, cached_text
 from ..codegen.fusion import fuse, is_literal
 from ..codegen.kernel import describe
+from ..codegen.split import split_reductions
 from ..ir import dtypes as dt
 from ..ir.graph import Graph
 from . import arena
@@ -35,7 +36,7 @@ def _ck(res):
 def _nt(d: dt.DType):
     from numba import types as nt
     return {dt.f32: nt.float32, dt.f64: nt.float64, dt.i32: nt.int32, dt.i64: nt.int64,
-            dt.boolean: nt.boolean}[d]
+            dt.boolean: nt.uint8}[d]   # bools are bytes in memory
 
 
 class CudaRunner:
@@ -47,13 +48,13 @@ class CudaRunner:
         except Exception as e:   # no driver, no device, or cuda-core missing
             raise RuntimeError(f"backend='cuda' needs an NVIDIA GPU with its driver and the cuda "
                                f"extra (pip install 'flame[cuda]'): {type(e).__name__}: {e}") from None
-        self.graph = graph
         self.block = block
         self.stream = self.dev.create_stream()
         self.hstream = int(self.stream.handle)
         cc = self.dev.compute_capability
         self.cc = (cc[0], cc[1])
         self.arch = f"sm_{self.cc[0]}{self.cc[1]}"
+        self.graph = graph = split_reductions(graph)
         self.kernels = fuse(graph)
         self.nodes = {n.id: n for n in graph.all_nodes()}
         self.plan = arena.plan_graph(graph, self.kernels)
@@ -64,7 +65,7 @@ class CudaRunner:
         self.buf = self.dev.allocate(ws_off + WORKSPACE, stream=self.stream)
         self.base = int(self.buf.handle)
         self.cublas = Handle(self.hstream, self.base + ws_off, WORKSPACE, tf32)
-        self.steps = [self._step(k) for k in self.kernels]
+        self.steps = [self._step(k) for k in self.kernels if k.root.id not in self.plan.aliases]
         self.launches = sum(n for _, n in self.steps)
         self.exec = None
         self.use_graph = use_graph
