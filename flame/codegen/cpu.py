@@ -52,7 +52,8 @@ def _acc_init(op, dtype):
 
 
 def _acc_update(op, acc, val):
-    return f"{acc} = {acc} + {val}" if op == "sum" else f"{acc} = {val} if {val} > {acc} else {acc}"
+    # max: a NaN wins and stays (val != val), as in numpy
+    return f"{acc} = {acc} + {val}" if op == "sum" else f"{acc} = {val} if {val} > {acc} or {val} != {val} else {acc}"
 
 
 def render(desc: Described, name: str) -> str:

@@ -10,8 +10,9 @@ producer that is not absorbed gets a logged reason. The rules:
                      (softmax, layer_norm: the reductions and the normalisation, one kernel).
 - movement_fold:     reshape/permute/expand/slice/pad/concat/upsample become index
                      arithmetic in the loads of their consumer, never copies.
-- gemm_epilogue:     bias/activation/residual after a matmul or conv, in place (not built
-                     yet: every such refusal says so).
+- gemm_epilogue:     bias/activation/residual after a matmul or conv: the GEMM stays a
+                     library call and the whole epilogue is one elementwise kernel that the
+                     memory plan runs in place on the GEMM's output (runtime/arena.py).
 
 Library ops (matmul, conv, gather, scatter) run as BLAS/cuBLAS or library calls, one each.
 """
@@ -103,7 +104,8 @@ def _try_absorb(k: Kernel, members: set, p: Node, users: dict):
         return None, "graph input"
     if p.op in LIBRARY_OPS:
         if k.kind == "E" and RULES["gemm_epilogue"]:
-            return None, f"{p.op} runs as a library call; gemm_epilogue fusion is not built yet"
+            return None, (f"{p.op} runs as a library call (cuBLAS/BLAS); this epilogue is one kernel "
+                          "after it, in place on its output when that buffer dies here")
         return None, f"{p.op} runs as a library call"
     outside = [u for u in users[p.id] if u.id not in members]
     if outside:

@@ -75,8 +75,9 @@ UNARY = {
 }
 BINARY = {
     "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
-    "pow": "({0} ** {1})", "maximum": "({0} if {0} >= {1} else {1})",
-    "minimum": "({0} if {0} <= {1} else {1})", "safe_mul": "({zero} if {0} == {zero} else {0} * {1})",
+    "pow": "({0} ** {1})", "maximum": "({0} if {0} >= {1} or {0} != {0} else {1})",
+    "minimum": "({0} if {0} <= {1} or {0} != {0} else {1})",   # a NaN wins, as in numpy
+    "safe_mul": "({zero} if {0} == {zero} else {0} * {1})",
     "eq": "({0} == {1})", "ne": "({0} != {1})", "lt": "({0} < {1})", "le": "({0} <= {1})",
     "gt": "({0} > {1})", "ge": "({0} >= {1})", "logical_and": "({0} and {1})",
 }
@@ -115,6 +116,15 @@ class Described:
     reductions: list = field(default_factory=list)   # (acc, op, dtype, Body, value_var, result_var)
     store: object = None    # ("row", index_expr, value) or ("full", Body, index_expr, value)
     lines: list = field(default_factory=list)         # row-level statements in order
+    loads: dict = field(default_factory=dict)         # node id -> index expressions read
+
+    def in_place_candidates(self) -> list:
+        """Buffers this kernel reads only at the index it writes: the output may overwrite
+        them (each element is read before it is written, by the same thread)."""
+        idx = self.store[1] if self.store[0] == "row" else self.store[2]
+        out = self.kernel.root
+        return [nid for nid, exprs in self.loads.items()
+                if exprs == {idx} and nid != out.id]
 
 
 class Describer:
@@ -124,6 +134,7 @@ class Describer:
         self.params = {}
         self.param_list = []
         self.red_vars = {}
+        self.loads = {}      # materialized node id -> index expressions it is read at
         self.n = 0
         full, raxes = kernel.full, kernel.raxes
         self.outer_dims = tuple(d for d in range(len(full)) if d not in raxes)
@@ -180,6 +191,7 @@ class Describer:
             return literal(node.attrs["value"], node.dtype)
         if node.id not in self.members:
             ctor(node.dtype)
+            self.loads.setdefault(node.id, set()).add(lin(coords, node.shape))
             idx = self.assign(body, lin(coords, node.shape), "i")
             if node.dtype is dt.boolean:   # bools live in memory as one byte, 0 or 1
                 return self.assign(body, f"({self.param(node)}[{idx}] != 0)")
@@ -327,6 +339,7 @@ class Describer:
                 val = self.emit(row, root, self.red_coords() if k.raxes else self.full_coords())
             desc.store = ("row", lin(tuple(self.ocoord[d] for d in self.outer_dims),
                                      tuple(k.full[d] for d in self.outer_dims)), val)
+        desc.loads = self.loads
         # outputs last: reads in order of first use, then the written buffer
         desc.params = [p for p in self.param_list if p[2] == "read"] + \
                       [p for p in self.param_list if p[2] == "write"]

@@ -75,7 +75,9 @@ def is_literal(n: Node) -> bool:
     return n.op == "const" and n.shape == ()
 
 
-def dump(graph: Graph, summary: bool = True) -> str:
+def dump(graph: Graph, summary: bool = True, runner=None) -> str:
+    """runner: a compiled backend's runner (flame.compile(...).runner); its schedule and
+    memory plan are appended, over the graph it actually runs."""
     names = {}
     for n in graph.inputs:
         names[n.id] = n.attrs["name"]
@@ -120,6 +122,9 @@ def dump(graph: Graph, summary: bool = True) -> str:
     lines.append("  return (" + ", ".join(ref(o) for o in graph.outputs) + ")")
     if summary:
         lines += summary_lines(graph, names)
+    if runner is not None:
+        from ..codegen.report import schedule_lines
+        lines += schedule_lines(runner, names)
     return "\n".join(lines) + "\n"
 
 

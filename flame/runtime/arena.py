@@ -13,7 +13,9 @@ class Plan:
     sizes: dict        # node id -> bytes
     peak: int          # arena bytes
     naive: int         # bytes if nothing were reused
-    aliases: dict = None   # node id -> id of the buffer it shares (pure reshapes)
+    aliases: dict = None   # node id -> id of the buffer it shares
+    in_place: set = None   # of those, kernels that compute and overwrite (the rest only reshape)
+    overwrites: dict = None  # in-place kernel root -> the value it overwrites
 
     def describe(self) -> str:
         from ..ir.printer import fmt_bytes
@@ -54,23 +56,36 @@ def alias_of(k):
     return None if src.op == "const" and src.shape == () else src.id
 
 
-def plan_graph(graph, kernels) -> Plan:
+def plan_graph(graph, kernels, in_place=None) -> Plan:
     """Lifetimes of every materialized buffer of a fused schedule, then plan(): graph inputs
     and array constants are written before step 1, each kernel's root at its step, and
-    outputs stay alive to the end. A pure reshape shares its source's bytes (see alias_of)."""
+    outputs stay alive to the end. Two kinds of kernel output share an existing buffer:
+    a pure reshape (see alias_of), and an elementwise result that overwrites a buffer read
+    only at the index it writes whose last use is this kernel (in_place: root id ->
+    candidate ids, from Described.in_place_candidates) — the GEMM epilogue case."""
     from ..codegen.fusion import is_literal
     lifetimes = {}
     aliases = {}
+    renames = set()
+    overwrites = {}
+    protected = set()
     for n in graph.inputs:
         lifetimes[n.id] = [0, 0]
+        protected.add(n.id)
     for n in graph.nodes:
         if n.op == "const" and not is_literal(n):
             lifetimes[n.id] = [0, 0]
-    root = lambda i: aliases.get(i, i)
+            protected.add(n.id)
+
+    def root(i):
+        while i in aliases:
+            i = aliases[i]
+        return i
     for i, k in enumerate(kernels, start=1):
         src = alias_of(k)
         if src is not None and root(src) in lifetimes:
             aliases[k.root.id] = root(src)
+            renames.add(k.root.id)
             continue
         lifetimes[k.root.id] = [i, i]
         for r in (k.reads() if k.kind != "L" else list(k.root.inputs)):
@@ -81,8 +96,23 @@ def plan_graph(graph, kernels) -> Plan:
         if root(o.id) in lifetimes:
             lifetimes[root(o.id)][1] = end
     nodes = {n.id: n for n in graph.all_nodes()}
+    for i, k in enumerate(kernels, start=1):
+        r = k.root.id
+        if r not in lifetimes:
+            continue
+        for direct in (in_place or {}).get(r, ()):
+            c = root(direct)
+            if c in lifetimes and c not in protected and lifetimes[c][1] == i and \
+                    nodes[c].nbytes == nodes[r].nbytes and c != r:
+                lifetimes[c][1] = lifetimes[r][1]
+                del lifetimes[r]
+                aliases[r] = c
+                overwrites[r] = direct
+                break
     p = plan({i: tuple(v) for i, v in lifetimes.items()}, {i: nodes[i].nbytes for i in lifetimes})
-    for a, src in aliases.items():
-        p.offsets[a] = p.offsets[src]
-    p.aliases = aliases
+    for a in aliases:
+        p.offsets[a] = p.offsets[root(a)]
+    p.aliases = {a: root(a) for a in aliases}
+    p.in_place = set(aliases) - renames
+    p.overwrites = overwrites
     return p

@@ -45,14 +45,16 @@ class CpuRunner:
         self.steps = []
         self.sources = {}
         self.nodes = {n.id: n for n in graph.all_nodes()}
-        self.plan = arena.plan_graph(graph, self.kernels)
+        descs = {k.root.id: describe(k) for k in self.kernels if k.kind != "L" and arena.alias_of(k) is None}
+        self.plan = arena.plan_graph(graph, self.kernels,
+                                     {r: d.in_place_candidates() for r, d in descs.items()})
         for k in self.kernels:
-            if k.root.id in self.plan.aliases:
+            if k.root.id in self.plan.aliases and k.root.id not in self.plan.in_place:
                 continue    # a reshape of a buffer: same bytes, nothing to run
             if k.kind == "L":
                 self.steps.append((k, _library(k.root), [i.id for i in k.root.inputs], k.root.id))
             else:
-                d = describe(k)
+                d = descs[k.root.id]
                 if target == "cpu":
                     src = cpu_render.module_source(d, k.name)
                     fn = load(k.name, src, "cpu")

@@ -57,7 +57,9 @@ class CudaRunner:
         self.graph = graph = split_reductions(graph)
         self.kernels = fuse(graph)
         self.nodes = {n.id: n for n in graph.all_nodes()}
-        self.plan = arena.plan_graph(graph, self.kernels)
+        self.descs = {k.root.id: describe(k) for k in self.kernels if k.kind != "L" and arena.alias_of(k) is None}
+        self.plan = arena.plan_graph(graph, self.kernels,
+                                     {r: d.in_place_candidates() for r, d in self.descs.items()})
         self.sources = {}
         scratch = max([self._scratch_bytes(k) for k in self.kernels if k.kind == "L"] + [0])
         self.scratch_off = arena._align(self.plan.peak)
@@ -65,7 +67,8 @@ class CudaRunner:
         self.buf = self.dev.allocate(ws_off + WORKSPACE, stream=self.stream)
         self.base = int(self.buf.handle)
         self.cublas = Handle(self.hstream, self.base + ws_off, WORKSPACE, tf32)
-        self.steps = [self._step(k) for k in self.kernels if k.root.id not in self.plan.aliases]
+        self.steps = [self._step(k) for k in self.kernels
+                      if k.root.id not in self.plan.aliases or k.root.id in self.plan.in_place]
         self.launches = sum(n for _, n in self.steps)
         self.exec = None
         self.use_graph = use_graph
@@ -137,7 +140,7 @@ class CudaRunner:
     # ---- one kernel of the schedule -> (callable(stream), launches)
     def _step(self, k):
         if k.kind != "L":
-            d = describe(k)
+            d = self.descs[k.root.id]
             src = cuda_render.module_source(d, k.name, self.block)
             kern = self._compile(k.name, src, [p[1].dtype for p in d.params])
             grid, blk = cuda_render.launch_dims(d, self.block)
