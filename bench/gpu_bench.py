@@ -128,6 +128,13 @@ def bench_gemm():
             row(f"gemm {'tf32' if tf32 else 'fp32'} {m}x{k}x{n}", median_ms_flame(fr),
                 median_ms_torch(lambda: ta @ tb), flops=2 * m * n * k)
     torch.backends.cuda.matmul.allow_tf32 = False
+    import ml_dtypes
+    for m, k, n in shapes:
+        a, b = rnd(m, k).astype(ml_dtypes.bfloat16), rnd(k, n).astype(ml_dtypes.bfloat16)
+        fr = flame_runner(lambda a, b: a @ b, a, b)
+        ta = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).cuda()
+        tb = torch.from_numpy(b.view(np.int16)).view(torch.bfloat16).cuda()
+        row(f"gemm bf16 {m}x{k}x{n}", median_ms_flame(fr), median_ms_torch(lambda: ta @ tb), flops=2 * m * n * k)
 
 
 def bench_conv():

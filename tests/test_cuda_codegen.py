@@ -30,6 +30,7 @@ GRAPHS = {
     "movement_fold": ("lambda x, b: (x.permute(1, 0)[::2, 1:] * 2.0).reshape(-1) + b[:1]", [(6, 9), (3,)]),
     "pad_concat_upsample": ("lambda x, b: flame.cat([F.pad(x, (1, 1, 2, 0)), F.interpolate(x[None, None], scale_factor=2)[0, 0][:3, :5]], 0) + b[0]", [(3, 3), (2,)]),
     "random_where": ("lambda x, b: F.dropout(x, 0.3, seed=5) + flame.rand_normal(x.shape, seed=1) * b", [(4, 8), (8,)]),
+    "bf16_storage": ("lambda x, b: F.softmax((x.cast('bf16') @ x.cast('bf16').T) * b[:5].cast('bf16'), dim=-1).cast('f32')", [(5, 33), (33,)]),
     "training_step": ("flame.value_and_grad(lambda x, b: (F.softmax(x * b, dim=-1) * F.layer_norm(x, (12,))).sum(), argnums=(0, 1))", [(4, 12), (12,)]),
 }
 
@@ -110,3 +111,22 @@ def test_library_kernels_compile_to_ptx(tmp_path, monkeypatch):
         fn = load(name, src, "cuda", "sm_90")
         ptx = cuda.compile_ptx(fn.py_func, (nt.CPointer(nt.float32),) * 2, cc=(9, 0))[0]
         assert ".entry" in ptx and "mul.f64" not in ptx
+
+
+def test_bf16_storage_on_cpu_backend_equals_interpreter():
+    """bf16 buffers hold bits; kernels compute in float32 and round after every bf16 op,
+    as the interpreter does, so the two agree exactly."""
+    import ml_dtypes
+    x = rng.standard_normal((6, 40)).astype(ml_dtypes.bfloat16)
+    w = rng.standard_normal((40, 24)).astype(ml_dtypes.bfloat16)
+
+    def loss(x, w):
+        h = F.silu(x @ w)
+        return (F.layer_norm(h.cast("f32"), (24,)) * h.cast("f32")).sum()
+    vg = flame.value_and_grad(loss, argnums=(0, 1))
+    got = flame.compile(vg, x, w, backend="cpu")(x, w)
+    ref = flame.compile(vg, x, w)(x, w)
+    assert got[1][0].dtype == ml_dtypes.bfloat16
+    for a, b in zip([got[0], *got[1]], [ref[0], *ref[1]]):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.allclose(a, b, rtol=1e-2, atol=1e-2 * np.abs(b).max()), (a, b)

@@ -77,6 +77,15 @@ def test_forward_and_backward_match_interpreter(name, fn, inputs):
         close(a, b, 1e-3)
 
 
+def test_bf16_storage_matches_interpreter():
+    import ml_dtypes
+    x = r(64, 96).astype(ml_dtypes.bfloat16)
+    w = r(96, 48).astype(ml_dtypes.bfloat16)
+    fn = lambda x, w: F.layer_norm(F.gelu(x @ w).cast("f32"), (48,)).cast("bf16") * 2.0
+    close(flame.compile(fn, x, w, backend="cuda")(x, w).astype(np.float32),
+          flame.compile(fn, x, w)(x, w).astype(np.float32), 2e-2)
+
+
 def test_random_same_numbers_as_interpreter():
     fn = lambda x: flame.rand_uniform((1000,), seed=7) + x
     x = r(1000)

@@ -1,6 +1,7 @@
 """Render a kernel description as Numba CPU source (`njit`, `prange` over rows when big)."""
 from __future__ import annotations
 
+from ..ir import dtypes as dt
 from .kernel import Described, unravel
 
 PRELUDE = '''import math
@@ -38,6 +39,24 @@ def _normal(seed, stream, i):
     u1 = (np.float32(h1 >> _U(8)) + np.float32(1.0)) * np.float32(5.9604644775390625e-08)
     u2 = np.float32(h2 >> _U(8)) * np.float32(5.9604644775390625e-08)
     return math.sqrt(np.float32(-2.0) * math.log(u1)) * math.cos(np.float32(6.2831854820251465) * u2)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _bf16_load(h):
+    return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _bf16_bits(v):
+    u = np.float32(v).view(np.uint32)
+    if (u & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (u & np.uint32(0x7FFFFF)) != np.uint32(0):
+        return np.uint16(0x7FC0)
+    return np.uint16(np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _bf16_round(v):
+    return _bf16_load(_bf16_bits(v))
 
 '''
 
@@ -81,15 +100,16 @@ def render(desc: Described, name: str) -> str:
             acc, op, dtype, body, val, res = desc.reductions[line[1]]
             out.append(ind + f"{acc} = {_acc_init(op, dtype)}")
             out += inner_loop(body, [_acc_update(op, acc, val)])
-            out.append(ind + f"{res} = {acc}")
+            out.append(ind + f"{res} = " + (f"_bf16_round({acc})" if dtype is dt.bf16 else acc))
         else:
             out.append(ind + line)
+    store = (lambda v: f"_bf16_bits({v})") if k.store.dtype is dt.bf16 else (lambda v: v)
     if desc.store[0] == "row":
         _, idx, val = desc.store
-        out.append(ind + f"out[{idx}] = {val}")
+        out.append(ind + f"out[{idx}] = {store(val)}")
     else:
         _, body, idx, val = desc.store
-        out += inner_loop(body, [f"out[{idx}] = {val}"])
+        out += inner_loop(body, [f"out[{idx}] = {store(val)}"])
     return "\n".join(out) + "\n"
 
 

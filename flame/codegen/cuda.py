@@ -13,6 +13,7 @@ PRELUDE = '''import math
 import numpy as np
 import numba
 from numba import cuda
+from numba.cuda import libdevice
 
 _U = np.uint64
 _M = np.uint64(0xFFFFFFFF)
@@ -46,10 +47,59 @@ def _normal(seed, stream, i):
     u2 = np.float32(h2 >> _U(8)) * np.float32(5.9604644775390625e-08)
     return math.sqrt(np.float32(-2.0) * math.log(u1)) * math.cos(np.float32(6.2831854820251465) * u2)
 
+
+if numba.config.ENABLE_CUDASIM:   # the simulator has no libdevice bit casts: numpy's
+    _as_float = lambda i: np.uint32(i).view(np.float32)
+    _as_int = lambda f: np.float32(f).view(np.uint32)
+else:
+    _as_float, _as_int = libdevice.int_as_float, libdevice.float_as_int
+
+
+@cuda.jit(device=True, inline=True)
+def _bf16_load(h):
+    return _as_float(np.int32(np.uint32(h) << np.uint32(16)))
+
+
+@cuda.jit(device=True, inline=True)
+def _bf16_bits(v):
+    u = np.uint32(_as_int(v))
+    if (u & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (u & np.uint32(0x7FFFFF)) != np.uint32(0):
+        return np.uint16(0x7FC0)
+    return np.uint16(np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@cuda.jit(device=True, inline=True)
+def _bf16_round(v):
+    return _bf16_load(_bf16_bits(v))
+
+'''
+BF16_HELPERS = '''if numba.config.ENABLE_CUDASIM:   # the simulator has no libdevice bit casts: numpy's
+    _as_float = lambda i: np.uint32(i).view(np.float32)
+    _as_int = lambda f: np.float32(f).view(np.uint32)
+else:
+    _as_float, _as_int = libdevice.int_as_float, libdevice.float_as_int
+
+
+@cuda.jit(device=True, inline=True)
+def _bf16_load(h):
+    return _as_float(np.int32(np.uint32(h) << np.uint32(16)))
+
+
+@cuda.jit(device=True, inline=True)
+def _bf16_bits(v):
+    u = np.uint32(_as_int(v))
+    if (u & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (u & np.uint32(0x7FFFFF)) != np.uint32(0):
+        return np.uint16(0x7FC0)
+    return np.uint16(np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@cuda.jit(device=True, inline=True)
+def _bf16_round(v):
+    return _bf16_load(_bf16_bits(v))
 '''
 
 NUMBA_TYPE = {dt.f32: "numba.float32", dt.f64: "numba.float64", dt.i32: "numba.int32",
-              dt.i64: "numba.int64", dt.boolean: "numba.boolean"}
+              dt.i64: "numba.int64", dt.boolean: "numba.boolean", dt.bf16: "numba.float32"}
 ELEMENTWISE_BLOCK = 256
 
 
@@ -60,7 +110,7 @@ def _init(op, d):
 
 
 def _combine(op, a, b):
-    return f"{a} + {b}" if op == "sum" else f"{b} if {b} > {a} else {a}"
+    return f"{a} + {b}" if op == "sum" else f"{b} if ({b} > {a} or {b} != {b}) else {a}"   # NaN wins, like numpy
 
 
 def block_per_row(desc: Described) -> bool:
@@ -107,7 +157,7 @@ def render(desc: Described, name: str, block: int = 256) -> str:
         if not rows:
             out.append(ind + f"{acc} = {_init(op, d)}")
             out += strided(body, [f"{acc} = {_combine(op, acc, val)}"])
-            out.append(ind + f"{res} = {acc}")
+            out.append(ind + f"{res} = " + (f"_bf16_round({acc})" if d is dt.bf16 else acc))
             continue
         sm = f"sm_{acc}"
         out.append(ind + f"{sm} = cuda.shared.array({block}, {NUMBA_TYPE[d]})")
@@ -121,8 +171,9 @@ def render(desc: Described, name: str, block: int = 256) -> str:
                 ind + f"        {sm}[tid] = {_combine(op, f'{sm}[tid]', f'{sm}[tid + s]')}",
                 ind + "    cuda.syncthreads()",
                 ind + "    s //= 2",
-                ind + f"{res} = {sm}[0]"]
-    store = (lambda v: f"np.uint8(1) if {v} else np.uint8(0)") if k.store.dtype is dt.boolean else (lambda v: v)
+                ind + f"{res} = " + (f"_bf16_round({sm}[0])" if d is dt.bf16 else f"{sm}[0]")]
+    store = {dt.boolean: lambda v: f"np.uint8(1) if {v} else np.uint8(0)",
+             dt.bf16: lambda v: f"_bf16_bits({v})"}.get(k.store.dtype, lambda v: v)
     if desc.store[0] == "row":
         _, idx, val = desc.store
         out.append(ind + ("if tid == 0:\n" + ind + "    " if rows else "") + f"out[{idx}] = {store(val)}")

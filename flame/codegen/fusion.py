@@ -206,6 +206,9 @@ def fuse(graph: Graph) -> list:
             assigned[m.id] = k
         kernels.append(k)
     kernels.reverse()
-    for k in kernels:
-        k.name = _name(k)
+    seen = {}
+    for k in kernels:   # unique names: the second R_sum is R_sum_1
+        base = _name(k)
+        k.name = base if base not in seen else f"{base}_{seen[base]}"
+        seen[base] = seen.get(base, 0) + 1
     return kernels

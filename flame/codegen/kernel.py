@@ -18,8 +18,10 @@ from ..ir import dtypes as dt
 from ..ir.graph import Node
 from .fusion import MOVEMENT_OPS, REDUCE_OPS, Kernel, is_literal
 
+# bf16 values are stored as their 16 bits and computed in float32, rounded back to bf16
+# after every bf16 op (what storing them would do), so fused kernels equal the interpreter
 CTOR = {dt.f32: "np.float32", dt.f64: "np.float64", dt.i32: "np.int32", dt.i64: "np.int64",
-        dt.boolean: "np.bool_"}
+        dt.boolean: "np.bool_", dt.bf16: "np.float32"}
 
 
 class UnsupportedDtype(NotImplementedError):
@@ -28,8 +30,8 @@ class UnsupportedDtype(NotImplementedError):
 
 def ctor(d: dt.DType) -> str:
     if d not in CTOR:
-        raise UnsupportedDtype(f"{d.name} is not supported by the generated kernels yet "
-                               "(f16/bf16 storage arrives with the CUDA backend); use f32 or f64")
+        raise UnsupportedDtype(f"{d.name} is not supported by the generated kernels yet; "
+                               "use bf16, f32 or f64")
     return CTOR[d]
 
 
@@ -195,6 +197,8 @@ class Describer:
             idx = self.assign(body, lin(coords, node.shape), "i")
             if node.dtype is dt.boolean:   # bools live in memory as one byte, 0 or 1
                 return self.assign(body, f"({self.param(node)}[{idx}] != 0)")
+            if node.dtype is dt.bf16:
+                return self.assign(body, f"_bf16_load({self.param(node)}[{idx}])")
             return self.assign(body, f"{self.param(node)}[{idx}]")
         if node.op in REDUCE_OPS:
             if node.id not in self.red_vars or coords != tuple(
@@ -203,7 +207,8 @@ class Describer:
             return self.red_vars[node.id]
         if node.op in MOVEMENT_OPS:
             return self._movement(body, node, coords)
-        return self._pointwise(body, node, coords)
+        v = self._pointwise(body, node, coords)
+        return self.assign(body, f"_bf16_round({v})") if node.dtype is dt.bf16 else v
 
     def _bcast(self, coords, out_shape, in_shape):
         lead = len(out_shape) - len(in_shape)

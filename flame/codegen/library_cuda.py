@@ -38,7 +38,7 @@ def {name}(x, col):
     n = r // {g["C"]}
     y = (l // {g["OW"]}) * {g["SH"]} + i * {g["DH"]} - {g["PH"]}
     xx = (l % {g["OW"]}) * {g["SW"]} + j * {g["DW"]} - {g["PW"]}
-    v = {literal(0.0, d)}
+    v = {"np.uint16(0)" if d is dt.bf16 else literal(0.0, d)}
     if y >= 0 and y < {g["H"]} and xx >= 0 and xx < {g["W"]}:
         v = x[((n * {g["C"]} + c) * {g["H"]} + y) * {g["W"]} + xx]
     col[t] = v
@@ -50,7 +50,9 @@ def col2im(name: str, g: dict, d: dt.DType) -> tuple:
     """dx[n, c, h, w] = sum of dcol over the kernel taps that read (h, w): a gather, so no
     atomics and a deterministic sum."""
     total = g["N"] * g["C"] * g["H"] * g["W"]
-    src = HEAD + f'''@cuda.jit
+    from .cuda import BF16_HELPERS
+    load, store = ("_bf16_load", "_bf16_bits") if d is dt.bf16 else ("", "")
+    src = HEAD + "from numba.cuda import libdevice\n\n\n" + BF16_HELPERS + "\n\n" + f'''@cuda.jit
 def {name}(dcol, dx):
     t = cuda.grid(1)
     if t >= {total}:
@@ -68,8 +70,8 @@ def {name}(dcol, dx):
             for j in range({g["KW"]}):
                 xx = w + {g["PW"]} - j * {g["DW"]}
                 if xx >= 0 and xx % {g["SW"]} == 0 and xx // {g["SW"]} < {g["OW"]}:
-                    acc = acc + dcol[(((n * {g["C"]} + c) * {g["KH"]} + i) * {g["KW"]} + j) * {g["L"]} + (yy // {g["SH"]}) * {g["OW"]} + xx // {g["SW"]}]
-    dx[t] = acc
+                    acc = acc + {load}(dcol[(((n * {g["C"]} + c) * {g["KH"]} + i) * {g["KW"]} + j) * {g["L"]} + (yy // {g["SH"]}) * {g["OW"]} + xx // {g["SW"]}])
+    dx[t] = {store}(acc)
 '''
     return src, (total + BLOCK - 1) // BLOCK, BLOCK
 

@@ -20,6 +20,15 @@ from .graph import Graph, Node
 from .primitives import PRIMS
 
 _FLAME_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# flame's own code that a dump should not point at; the example models (flame/examples) and
+# the command lines (flame/cli, e.g. flame-compile's --loss reduction) count as user code
+_USER_SUBDIRS = tuple(os.path.join(_FLAME_DIR, d) + os.sep for d in ("examples", "cli"))
+
+
+def _is_internal(filename: str) -> bool:
+    fn = os.path.abspath(filename)
+    return filename.startswith("<frozen") or \
+        (fn.startswith(_FLAME_DIR + os.sep) and not fn.startswith(_USER_SUBDIRS))
 
 
 class Spec:
@@ -52,11 +61,11 @@ def spec_of(x) -> Spec:
 
 
 def user_location() -> str:
-    """'path/to/file.py:LINE' of the innermost frame outside flame's own package."""
+    """'path/to/file.py:LINE' of the innermost frame outside flame's internals."""
     f = sys._getframe(1)
     while f is not None:
-        fn = os.path.abspath(f.f_code.co_filename)
-        if not fn.startswith(_FLAME_DIR + os.sep) and not fn.startswith("<frozen"):
+        if not _is_internal(f.f_code.co_filename):
+            fn = os.path.abspath(f.f_code.co_filename)
             try:
                 rel = os.path.relpath(fn)
                 if not rel.startswith(".."):

@@ -102,17 +102,19 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     n, c = x.shape[:2]
     if c % num_groups:
         raise ShapeError(f"{user_location()}: group_norm: {c} channels do not split into {num_groups} groups")
-    xg = x.reshape(n, num_groups, -1)
-    mean = xg.mean(2, keepdim=True)
+    # statistics and the per-channel affine in one grouped view [N, G, C/G, spatial], so the
+    # whole op is one row kernel (reduce over the last two axes, then reshape back)
+    xg = x.reshape(n, num_groups, c // num_groups, -1)
+    mean = xg.mean((2, 3), keepdim=True)
     d = xg - mean
-    var = (d * d).mean(2, keepdim=True)
-    y = (d * (var + eps).rsqrt()).reshape(x.shape)
-    cshape = (1, c) + (1,) * (x.ndim - 2)
+    var = (d * d).mean((2, 3), keepdim=True)
+    y = d * (var + eps).rsqrt()
+    cshape = (1, num_groups, c // num_groups, 1)
     if weight is not None:
         y = y * _t(weight).reshape(cshape)
     if bias is not None:
         y = y + _t(bias).reshape(cshape)
-    return y
+    return y.reshape(x.shape)
 
 
 def dropout(input, p=0.5, training=True, inplace=False, seed=None):

@@ -12,6 +12,8 @@ from .module import Module, Parameter
 
 
 def _uniform(shape, bound, dtype):
+    if init.shape_only_active():
+        return Parameter(np.broadcast_to(np.float32(0), shape), dtype=dtype)
     return Parameter(init.rng().uniform(-bound, bound, size=shape).astype(np.float32), dtype=dtype)
 
 

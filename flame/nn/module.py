@@ -9,6 +9,7 @@ from ..ir import dtypes as dt
 from ..ir import tracer
 from ..ir.errors import FlameError
 from ..ir.tensor import Tensor
+from . import init
 
 
 class StateDictError(FlameError, KeyError):
@@ -23,6 +24,11 @@ class Parameter:
 
     def __init__(self, data, requires_grad: bool = True, dtype=None):
         arr = np.asarray(data)
+        self.requires_grad = requires_grad
+        if init.shape_only_active():   # no memory: a zero-strided view (see init.shape_only)
+            d = dt.as_dtype(dtype).np if dtype is not None else (np.float32 if arr.dtype == np.float64 else arr.dtype)
+            self.data = np.broadcast_to(np.zeros((), d), arr.shape)
+            return
         if dtype is not None:
             arr = arr.astype(dt.as_dtype(dtype).np)
         elif arr.dtype == np.float64:

@@ -96,6 +96,7 @@ def plan_graph(graph, kernels, in_place=None) -> Plan:
         if root(o.id) in lifetimes:
             lifetimes[root(o.id)][1] = end
     nodes = {n.id: n for n in graph.all_nodes()}
+    naive = sum(_align(max(nodes[i].nbytes, 1)) for i in lifetimes)   # before any sharing
     for i, k in enumerate(kernels, start=1):
         r = k.root.id
         if r not in lifetimes:
@@ -115,4 +116,5 @@ def plan_graph(graph, kernels, in_place=None) -> Plan:
     p.aliases = {a: root(a) for a in aliases}
     p.in_place = set(aliases) - renames
     p.overwrites = overwrites
+    p.naive = naive
     return p

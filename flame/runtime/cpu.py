@@ -13,14 +13,22 @@ from ..codegen.cache import load
 from ..codegen.fusion import fuse, is_literal
 from ..codegen.kernel import describe
 from ..codegen.split import split_reductions
+from ..ir import dtypes as dt
 from ..ir.graph import Graph
 from ..ir.primitives import PRIMS
 from . import arena
 
 
 def _library(node):
-    """numpy implementation writing into `out` (a view of the arena)."""
+    """numpy implementation writing into `out` (a view of the arena). bf16 operands are
+    computed in float32 and rounded once into the bf16 output, as cuBLAS does."""
     op, a = node.op, node.attrs
+    if any(i.dtype is dt.bf16 for i in node.inputs) and op != "gather":
+        impl = PRIMS[op].impl
+
+        def run(out, *xs):
+            out[...] = impl(a, *[x.astype(np.float32) if x.dtype == dt.bf16.np else x for x in xs])
+        return run
     if op == "matmul":
         def run(out, x, y):
             np.matmul(np.swapaxes(x, -1, -2) if a["ta"] else x,
@@ -71,6 +79,8 @@ class CpuRunner:
         n = self.nodes[nid]
         off = self.plan.offsets[nid]
         v = self.arena[off: off + n.nbytes].view(n.dtype.np)
+        if flat and n.dtype is dt.bf16:
+            return v.view(np.uint16)   # kernels see bf16 as its bits
         return v if flat else v.reshape(n.shape)
 
     def run(self, feeds: dict) -> list:

@@ -36,7 +36,7 @@ def _ck(res):
 def _nt(d: dt.DType):
     from numba import types as nt
     return {dt.f32: nt.float32, dt.f64: nt.float64, dt.i32: nt.int32, dt.i64: nt.int64,
-            dt.boolean: nt.uint8}[d]   # bools are bytes in memory
+            dt.boolean: nt.uint8, dt.bf16: nt.uint16}[d]   # bools are bytes, bf16 its bits
 
 
 class CudaRunner:

@@ -1,0 +1,324 @@
+"""Fusion, memory planning and generated source of the CPU backend: how many kernels a graph
+becomes, which named rule fused or refused what, that switching a rule off changes the
+schedule but not the numbers, that the arena never lets two live buffers overlap, and that
+generated kernels live in content-hashed files with every float constant typed."""
+import os
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import flame
+import flame.nn.functional as F
+from flame.codegen import cache, fusion
+from flame.ir import tree
+from flame.runtime import arena
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cache_dir(tmp_path_factory):
+    """A fresh kernel cache for this module, not ~/.cache: generated files land in a temporary
+    directory, and no kernel module loaded by another test file is reused."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = str(tmp_path_factory.mktemp("flame_cache"))
+        mp.setenv("FLAME_CACHE_DIR", path)
+        mp.setattr(cache, "_loaded", {})
+        yield path
+
+
+rng = np.random.default_rng(20261124)
+X = rng.standard_normal((4, 6, 8)).astype(np.float32)
+B8 = rng.standard_normal(8).astype(np.float32)
+X4 = rng.standard_normal((2, 4, 3, 5)).astype(np.float32)
+G4 = rng.standard_normal(4).astype(np.float32)
+
+
+def compiled(fn, *args, run=True):
+    """Compile for the CPU, and (unless run=False) check it against the interpreter."""
+    c = flame.compile(fn, *args, backend="cpu")
+    assert c.runner.plan.peak <= c.runner.plan.naive
+    if run:
+        got, want = c(*args), flame.compile(fn, *args, backend="interp")(*args)
+        for g, w in zip(tree.flatten(got)[0], tree.flatten(want)[0]):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    return c
+
+
+def rules_used(k):
+    return {rule for _, rule in k.fused}
+
+
+# ---------------------------------------------------------------- kernel counts
+
+
+def ten_ops(x, b):
+    y = x + b          # b [8] broadcasts over x [4,6,8]
+    y = y * 1.5
+    y = y.tanh()
+    y = y - x
+    y = y.exp()
+    y = y.sigmoid()
+    y = y * x
+    y = y.maximum(b)
+    y = y.sin()
+    return -y
+
+
+def test_elementwise_chain_is_one_kernel():
+    (k,) = compiled(ten_ops, X, B8).runner.kernels
+    assert k.kind == "E" and k.name.startswith("E_add_mul_tanh")
+    assert len(k.fused) == 9 and rules_used(k) == {"elementwise_chain"}
+    assert [n.op for n in k.reads()] == ["input", "input"]   # x and b: nothing else in memory
+
+
+ROW_KERNELS = {
+    "softmax": (lambda x: F.softmax(x, dim=-1), X),
+    "log_softmax": (lambda x: F.log_softmax(x, dim=1), X),
+    "layer_norm": (lambda x: F.layer_norm(x, (8,), flame.const(B8), flame.const(B8 * 2)), X),
+    "group_norm": (lambda x: F.group_norm(x, 2), X4),
+}
+
+
+@pytest.mark.parametrize("name", list(ROW_KERNELS))
+def test_row_reductions_forward_are_one_kernel(name):
+    fn, x = ROW_KERNELS[name]
+    (k,) = compiled(fn, x).runner.kernels
+    assert k.kind == "R" and "row_reduction" in rules_used(k)
+
+
+def test_group_norm_with_affine_forward_is_one_kernel():
+    c = compiled(lambda x, g, b: F.group_norm(x, 2, g, b), X4, G4, G4, run=False)
+    assert len(c.runner.kernels) == 1
+
+
+def test_reduce_prologue_sum_of_squares_is_one_kernel():
+    (k,) = compiled(lambda x: (x * x).sum(), X).runner.kernels
+    assert k.kind == "R" and rules_used(k) == {"reduce_prologue"}
+
+
+def test_movement_folds_into_index_arithmetic():
+    def fn(x, b):
+        y = x.permute(2, 0, 1)[:, ::2, 1:].reshape(8, 10)          # [8,3,5] -> [8,10]
+        return y * 2.0 + b.reshape(8, 1).expand(8, 10)
+    (k,) = compiled(fn, X, B8).runner.kernels
+    assert k.kind == "E"
+    folded = {n.op for n, rule in k.fused if rule == "movement_fold"}
+    assert folded == {"permute", "slice", "reshape", "expand"}
+
+
+def test_matmul_is_a_library_call_and_its_bias_add_a_separate_kernel():
+    x = rng.standard_normal((6, 8)).astype(np.float32)
+    w = rng.standard_normal((5, 8)).astype(np.float32)
+    ks = compiled(lambda x, w, b: F.linear(x, w, b), x, w, B8[:5].copy()).runner.kernels
+    assert [k.kind for k in ks] == ["L", "E"]
+    mm, add = ks
+    assert mm.name == "L_matmul" and add.name == "E_add"
+    (why,) = [why for n, why in add.refused if n is mm.root]
+    assert "library call" in why and "epilogue" in why
+
+
+# ---------------------------------------------------------------- switching rules off
+
+
+def mixed(x, b):
+    """Uses every built rule: movement into row reductions, sum(x*x), an elementwise chain."""
+    h = F.layer_norm(x.permute(0, 2, 1) * 2.0 + 1.0, (6,))
+    return F.softmax(h.tanh() + b.reshape(8, 1), dim=-1), (x * x).sum(), (x.exp() * 2.0 + b).sin()
+
+
+@pytest.mark.parametrize("rule", ["elementwise_chain", "reduce_prologue", "row_reduction",
+                                  "movement_fold"])
+def test_switching_a_rule_off_changes_the_schedule_not_the_result(rule, monkeypatch):
+    on = compiled(mixed, X, B8).runner.kernels
+    assert any(r == rule for k in on for _, r in k.fused)
+    monkeypatch.setitem(fusion.RULES, rule, False)
+    off = compiled(mixed, X, B8).runner.kernels    # still equal to the interpreter
+    assert len(off) > len(on)
+    assert not any(r == rule for k in off for _, r in k.fused)
+    assert any(rule in why for k in off for _, why in k.refused)
+
+
+def test_gemm_epilogue_refusal_follows_its_flag(monkeypatch):
+    x = rng.standard_normal((6, 8)).astype(np.float32)
+    monkeypatch.setitem(fusion.RULES, "gemm_epilogue", False)
+    ks = compiled(lambda x, w: (x @ w).tanh(), x, x.T.copy(), run=False).runner.kernels
+    assert [k.kind for k in ks] == ["L", "E"]
+    assert not any("epilogue" in why for k in ks for _, why in k.refused)
+
+
+# ---------------------------------------------------------------- the arena
+
+
+def buffer_uses(runner):
+    """Derived from what the runner executes, not from the planner: for every value, the step
+    that writes it (0: inputs and array constants) and the last step that reads it (graph
+    outputs are read after the last step). A pure reshape that runs nothing reads as its source."""
+    plan = runner.plan
+    aliases = plan.aliases or {}
+    renamed = {k.root.id: arena.alias_of(k) for k in runner.kernels
+               if k.root.id in aliases and k.root.id not in (plan.in_place or set())}
+
+    def value(i):
+        while i in renamed:
+            i = renamed[i]
+        return i
+    written = {n.id: 0 for n in runner.graph.inputs}
+    written.update({n.id: 0 for n in runner.graph.nodes if n.op == "const" and n.id in plan.offsets})
+    last = {}
+    for step, (_, _, reads, out) in enumerate(runner.steps, start=1):
+        written[out] = step
+        for r in reads:
+            last[value(r)] = step
+    for o in runner.graph.outputs:
+        if value(o.id) in written:
+            last[value(o.id)] = len(runner.steps) + 1
+    return {v: (w, max(w, last.get(v, w))) for v, w in written.items()}
+
+
+def assert_no_live_overlap(runner):
+    """Two values whose lifetimes intersect never share a byte. A value written in place over
+    another (same offset) is fine only if the old one is never read after that write."""
+    plan, uses = runner.plan, buffer_uses(runner)
+    size = {v: runner.nodes[v].nbytes for v in uses}
+    assert set(uses) <= set(plan.offsets), "a buffer the runner touches has no place in the arena"
+    for a in uses:
+        oa, wa, ea = plan.offsets[a], *uses[a]
+        assert oa % arena.ALIGN == 0 and oa + size[a] <= plan.peak
+        for b in uses:
+            ob, wb, eb = plan.offsets[b], *uses[b]
+            if b == a or oa + size[a] <= ob or ob + size[b] <= oa:
+                continue
+            first, then = (a, b) if (wa, a) < (wb, b) else (b, a)
+            assert uses[first][1] <= uses[then][0], \
+                f"%{first} (steps {uses[first]}) still alive when %{then} (steps {uses[then]}) " \
+                f"is written over its bytes"
+            if uses[first][1] == uses[then][0]:   # read and overwritten by the same kernel:
+                # only an in-place elementwise kernel may (the comparison with the
+                # interpreter in compiled() checks that it reads each element before writing it)
+                assert then in (plan.in_place or ()) and plan.offsets[first] == plan.offsets[then] \
+                    and size[first] == size[then], f"%{then} overwrites %{first} while its kernel reads it"
+
+
+def long_chain(x):
+    # each op reads its input transposed, so no step can overwrite its input in place
+    for i in range(12):
+        x = (x.T * 1.01).sin() if i % 2 else x.T + 0.5
+    return x
+
+
+def test_arena_reuses_the_buffers_of_a_long_chain(monkeypatch):
+    monkeypatch.setitem(fusion.RULES, "elementwise_chain", False)   # one kernel per op
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    r = compiled(long_chain, x).runner
+    assert len(r.kernels) >= 12
+    assert r.plan.peak < r.plan.naive
+    # each intermediate dies once the next op has read it: two buffers take turns
+    assert r.plan.peak <= 2 * x.nbytes and r.plan.naive >= 12 * x.nbytes
+    assert_no_live_overlap(r)
+
+
+def test_arena_never_overlaps_live_buffers_in_a_training_step():
+    q = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+
+    def loss(q, w):
+        h = F.layer_norm(F.gelu(F.linear(q, w)), (8,))
+        return (F.scaled_dot_product_attention(h, q, h, is_causal=True) ** 2.0).mean()
+    c = compiled(flame.value_and_grad(loss, argnums=(0, 1)), q, w)
+    assert_no_live_overlap(c.runner)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 6), st.integers(1, 3000)),
+                min_size=1, max_size=25))
+def test_plan_invariant_on_random_lifetimes(bufs):
+    lifetimes = {i: (s, s + d) for i, (s, d, _) in enumerate(bufs)}
+    sizes = {i: n for i, (_, _, n) in enumerate(bufs)}
+    p = arena.plan(lifetimes, sizes)
+    for a in lifetimes:
+        for b in lifetimes:
+            (sa, ea), (sb, eb) = lifetimes[a], lifetimes[b]
+            if a < b and not (ea < sb or eb < sa):
+                assert p.offsets[a] + sizes[a] <= p.offsets[b] or p.offsets[b] + sizes[b] <= p.offsets[a]
+    # never below what is alive at once, never above keeping everything
+    busiest = max(sum(sizes[i] for i, (s, e) in lifetimes.items() if s <= t <= e) for t in range(20))
+    assert busiest <= p.peak <= p.naive
+
+
+# ---------------------------------------------------------------- generated source
+
+FLOAT = re.compile(r"(?<![\w.])(?:\d+\.\d*|\.\d+)(?:[eE][-+]?\d+)?|(?<![\w.])\d+[eE][-+]?\d+"
+                   r"|\bnp\.(?:inf|nan)\b|\bfloat\(")
+WRAPPED_F32 = re.compile(r"np\.float32\(-?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|np\.inf|np\.nan)\)")
+
+
+def constants_everywhere(x, w):
+    """Float constants of every origin: gelu's, eps, masks (-inf), pad values, dropout."""
+    h = F.gelu(F.layer_norm(x, (8,), w, w), "tanh") + F.gelu(x) * x.sigmoid()
+    a = F.scaled_dot_product_attention(h, h, h, is_causal=True)
+    return (F.dropout(a, 0.2, seed=3) ** 2.0).mean() + F.pad(x, (1, 1), value=0.25).sum() \
+        + flame.rand_normal((3,), seed=1).sum() * 0.1
+
+
+def generated(runner):
+    """(kernel, dispatcher, file) for every generated (non-library) step."""
+    out = []
+    for k, fn, _, _ in runner.steps:
+        if k.kind != "L":
+            out.append((k, fn, fn.py_func.__code__.co_filename))
+    return out
+
+
+def test_generated_sources_are_content_hashed_files_and_reused(cache_dir, monkeypatch):
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    c = compiled(flame.value_and_grad(constants_everywhere, argnums=(0, 1)), x, B8)
+    files = generated(c.runner)
+    assert len(files) > 5
+    root = os.path.realpath(cache_dir)
+    for k, _, path in files:
+        assert os.path.realpath(path).startswith(root + os.sep)
+        assert re.fullmatch(re.escape(k.name) + r"_[0-9a-f]{16,}\.py", os.path.basename(path))
+        with open(path) as f:
+            src = f.read()
+        compile(src, path, "exec")                      # printable, valid Python
+        assert f"def {k.name}(" in src
+        assert k.name in c.runner.sources
+    # the same kernel with other content (a different constant) gets another file
+    (k1, _, p1), = generated(compiled(lambda x: x * 1.25, x).runner)
+    (k2, _, p2), = generated(compiled(lambda x: x * 1.75, x).runner)
+    assert k1.name == k2.name and p1 != p2
+
+    # a second compile, with the in-process module cache emptied, reads the same files
+    stamp = {p: os.stat(p).st_mtime_ns for _, _, p in files}
+    listing = sorted(os.listdir(os.path.dirname(files[0][2])))
+    monkeypatch.setattr(cache, "_loaded", {})
+    again = generated(flame.compile(flame.value_and_grad(constants_everywhere, argnums=(0, 1)),
+                                    x, B8, backend="cpu").runner)
+    assert [p for _, _, p in again] == [p for _, _, p in files]
+    assert {p: os.stat(p).st_mtime_ns for _, _, p in files} == stamp
+    assert sorted(os.listdir(os.path.dirname(files[0][2]))) == listing
+
+
+def test_float32_kernels_type_every_float_constant():
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    c = compiled(flame.value_and_grad(constants_everywhere, argnums=(0, 1)), x, B8)
+    for k, fn, path in generated(c.runner):
+        with open(path) as f:
+            src = f.read()
+        assert "np.float64" not in src, k.name
+        bare = FLOAT.findall(WRAPPED_F32.sub("C", src))
+        assert not bare, f"{k.name}: untyped float constants {bare}"
+        # and Numba agrees: no variable of the kernel is float64
+        for ov in fn.overloads.values():
+            assert ov.type_annotation is not None
+            wide = {v: str(t) for v, t in ov.type_annotation.typemap.items()
+                    if not v.startswith("$") and "float64" in str(t)}
+            assert not wide, f"{k.name}: float64 variables {wide}"
+
+
+def test_literal_check_catches_a_bare_float():
+    # the regexes above are not vacuous
+    assert FLOAT.findall(WRAPPED_F32.sub("C", "v = (v1 * 0.5) + np.float32(2.0)")) == ["0.5"]
+    assert FLOAT.findall(WRAPPED_F32.sub("C", "v = np.float32(-np.inf) if c else 1e-05")) == ["1e-05"]
+    assert not FLOAT.findall(WRAPPED_F32.sub("C", "x = _U(0x7FEB352D) + i3 * 40"))
