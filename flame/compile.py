@@ -14,11 +14,22 @@ BACKENDS = ("interp", "cpu", "cuda")
 class Compiled:
     """Call with the same argument structure as at trace time; returns numpy arrays shaped
     like the traced function's return value. Parameters are read from their Parameter
-    objects at every call, so updating `p.data` between calls needs no recompilation."""
+    objects at every call, so updating `p.data` between calls needs no recompilation (the
+    CUDA backend uploads a parameter again only when its data changed).
 
-    def __init__(self, graph, backend, options=None):
+    With param_updates=True the function returns (result, {param name: new value}); a call
+    returns only result and writes the new values into the parameters — on the GPU, device
+    to device inside the captured step, so they stay resident between steps."""
+
+    def __init__(self, graph, backend, options=None, param_updates=False):
         self.graph = graph
         self.backend = backend
+        self.param_updates = {}
+        if param_updates:
+            self.param_updates = self._update_outputs(graph)
+        options = dict(options or {})
+        if backend == "cuda":
+            options["updates"] = {i: graph.input_by_name(n).id for i, n in self.param_updates.items()}
         if backend == "cpu":
             from .runtime.cpu import CpuRunner
             self.runner = CpuRunner(graph)
@@ -40,21 +51,45 @@ class Compiled:
             raise TypeError(f"{self.graph.name}: expected {len(self._arg_inputs)} array arguments, got {len(leaves)}")
         feeds = {n.attrs["name"]: v for n, v in zip(self._arg_inputs, leaves)}
         for name, p in self.graph.params.items():
-            feeds[name] = p.data
+            # the CUDA runner takes the Parameter itself and uploads only what changed
+            feeds[name] = p if self.backend == "cuda" else p.data
         for n in self.graph.inputs:
             if n.attrs["kind"] == "rng":
                 feeds[n.attrs["name"]] = np.asarray(seed, np.int64)
         return feeds
 
+    def _update_outputs(self, graph) -> dict:
+        """flat output index -> parameter name, from the (result, {name: value}) return."""
+        kind, sub = graph.out_tree
+        if kind is not tuple or len(sub) != 2 or sub[1][0] is not dict:
+            raise TypeError(f"{graph.name}: with param_updates=True the function must return "
+                            "(result, {parameter name: new value})")
+        self._n_result = tree.count_leaves(sub[0])
+        out = {}
+        for j, (name, d) in enumerate(sub[1][1]):
+            if name not in graph.params or tree.count_leaves(d) != 1:
+                raise KeyError(f"{graph.name}: update for {name!r}, which is not a parameter of "
+                               f"this step (parameters: {', '.join(graph.params)})")
+            out[self._n_result + j] = name
+        return out
+
     def __call__(self, *args, seed=0):
         outs = self._run(self.feeds(args, seed))
-        return tree.unflatten(self.graph.out_tree, outs)
+        if not self.param_updates:
+            return tree.unflatten(self.graph.out_tree, outs)
+        for i, name in self.param_updates.items():
+            p = self.graph.params[name]
+            if self.backend == "cuda":
+                self.runner.adopt_param(p, self.graph.input_by_name(name).id)
+            else:
+                p.data = np.asarray(outs[i]).astype(p.data.dtype, copy=False)
+        return tree.unflatten(self.graph.out_tree[1][0], outs[:self._n_result])
 
 
-def compile(fn, *args, backend="interp", passes=None, options=None):
+def compile(fn, *args, backend="interp", passes=None, options=None, param_updates=False):
     """Trace fn on args (arrays or flame.spec) and return a Compiled callable.
-    options: backend settings (cuda: block, tf32, use_graph)."""
+    options: backend settings (cuda: block, tf32, use_graph). param_updates: see Compiled."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     graph = optimize(trace(fn, *args), passes)
-    return Compiled(graph, backend, options)
+    return Compiled(graph, backend, options, param_updates)

@@ -124,3 +124,28 @@ def test_block_training_step_equals_cpu_backend():
     close(gpu[0], cpu[0], 1e-4)
     for k in cpu[1]:
         close(gpu[1][k], cpu[1][k], 1e-3)
+
+
+def test_parameters_stay_on_device_and_update_in_place():
+    """param_updates on the GPU: new parameters are written device to device inside the
+    captured step, downloaded only when the host reads p.data, uploaded again when set."""
+    flame.manual_seed(3)
+    models = [nn.Sequential(nn.Linear(6, 16), nn.SiLU(), nn.Linear(16, 2)) for _ in range(2)]
+    models[1].load_state_dict({k: v.copy() for k, v in models[0].state_dict().items()})
+    x, y = r(32, 6), r(32, 2)
+
+    def stepper(model, backend):
+        def step(x, y):
+            loss, g = flame.value_and_grad(lambda x, y: F.mse_loss(model(x), y), params=model)(x, y)
+            return loss, {k: p - 0.1 * g[k] for k, p in model.named_parameters()}
+        return flame.compile(step, x, y, backend=backend, param_updates=True)
+    gpu, cpu = stepper(models[0], "cuda"), stepper(models[1], "cpu")
+    lg = [float(gpu(x, y)) for _ in range(4)]
+    lc = [float(cpu(x, y)) for _ in range(4)]
+    assert np.allclose(lg, lc, rtol=1e-4), (lg, lc)
+    p0, p1 = models[0].parameters()[0], models[1].parameters()[0]
+    assert p0.__dict__["_device_owner"] is gpu.runner      # resident, not yet downloaded
+    close(p0.data, p1.data, 1e-4)                          # downloaded on access
+    p0.data = p0.data * 0.0                                # host change -> uploaded again
+    p1.data = p1.data * 0.0
+    close(float(gpu(x, y)), float(cpu(x, y)), 1e-4)

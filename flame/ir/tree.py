@@ -40,3 +40,14 @@ def _build(d, it):
     if kind is dict:
         return {k: _build(s, it) for k, s in sub}
     return kind(_build(s, it) for s in sub)
+
+
+def count_leaves(d) -> int:
+    kind, sub = d
+    if kind == "leaf":
+        return 1
+    if kind is None:
+        return 0
+    if kind is dict:
+        return sum(count_leaves(s) for _, s in sub)
+    return sum(count_leaves(s) for s in sub)

@@ -36,9 +36,25 @@ class Parameter:
         self.data = np.array(arr, order="C")
         self.requires_grad = requires_grad
 
-    shape = property(lambda self: self.data.shape)
-    dtype = property(lambda self: dt.as_dtype(self.data.dtype))
-    ndim = property(lambda self: self.data.ndim)
+    @property
+    def data(self) -> np.ndarray:
+        """The host array. If a compiled step updated this parameter on the GPU, the newest
+        values are downloaded on first access."""
+        owner = self.__dict__.get("_device_owner")
+        if owner is not None:
+            self.__dict__["_data"] = owner.download_param(self)
+            self.__dict__["_device_owner"] = None
+        return self.__dict__["_data"]
+
+    @data.setter
+    def data(self, value):
+        self.__dict__["_data"] = value
+        self.__dict__["version"] = self.__dict__.get("version", 0) + 1   # runners re-upload on change
+        self.__dict__["_device_owner"] = None
+
+    shape = property(lambda self: self.__dict__["_data"].shape)
+    dtype = property(lambda self: dt.as_dtype(self.__dict__["_data"].dtype))
+    ndim = property(lambda self: self.__dict__["_data"].ndim)
 
     def tensor(self) -> Tensor:
         return Tensor(tracer.current().param_node(self))

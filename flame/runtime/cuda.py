@@ -40,7 +40,12 @@ def _nt(d: dt.DType):
 
 
 class CudaRunner:
-    def __init__(self, graph: Graph, block: int = 256, tf32: bool = False, use_graph: bool = True):
+    def __init__(self, graph: Graph, block: int = 256, tf32: bool = False, use_graph: bool = True,
+                 updates: dict | None = None):
+        """updates: output index -> input node id whose buffer receives that output at the
+        end of every step (parameters updated on the device)."""
+        self.updates = dict(updates or {})
+        self._uploaded, self._resident, self._param_input = {}, {}, {}
         try:
             from cuda.core import Device
             self.dev = Device(0)
@@ -255,6 +260,7 @@ class CudaRunner:
         try:
             for run, _ in self.steps:
                 run(self.stream)
+            self._copy_updates(self.stream)
         finally:
             graph = _ck(driver.cuStreamEndCapture(self.hstream))
         self.exec = _ck(driver.cuGraphInstantiate(graph, 0))
@@ -265,6 +271,7 @@ class CudaRunner:
         if not self.use_graph:
             for run, _ in self.steps:
                 run(self.stream)
+            self._copy_updates(self.stream)
             return
         if self.exec is None:
             self.capture()
@@ -272,19 +279,54 @@ class CudaRunner:
         _ck(driver.cuGraphLaunch(self.exec, self.hstream))
 
     def upload(self, feeds: dict):
+        """Copy inputs to the device. A Parameter (rather than an array) is copied only when
+        its data changed since the last upload, or not at all while this runner holds its
+        newest values (see adopt_param): parameters stay on the device between steps."""
         for n in self.graph.inputs:
-            self._h2d(n.id, feeds[n.attrs["name"]])
+            v = feeds[n.attrs["name"]]
+            if getattr(v, "_flame_param", False):
+                if v.__dict__.get("_device_owner") is self and self._resident.get(n.id) is v:
+                    continue
+                if self._uploaded.get(n.id) == (id(v), v.__dict__.get("version")):
+                    continue
+                self._h2d(n.id, v.data)
+                self._uploaded[n.id] = (id(v), v.__dict__.get("version"))
+            else:
+                self._h2d(n.id, v)
+
+    def adopt_param(self, p, input_id: int):
+        """After a step that wrote p's new values into its input buffer: the device copy is
+        the newest; p.data downloads it when the host asks."""
+        p.__dict__["_device_owner"] = self
+        self._resident[input_id] = p
+        self._param_input[id(p)] = input_id
+
+    def download_param(self, p) -> np.ndarray:
+        out = self._d2h(self._param_input[id(p)])
+        self.sync()
+        self._uploaded[self._param_input[id(p)]] = (id(p), p.__dict__.get("version"))
+        return out
+
+    def _copy_updates(self, stream):
+        from cuda.bindings import driver
+        for out_index, input_id in self.updates.items():
+            o = self.graph.outputs[out_index]
+            _ck(driver.cuMemcpyDtoDAsync(self.ptr(input_id), self.ptr(o.id), self.nodes[input_id].nbytes,
+                                         int(stream.handle) if hasattr(stream, "handle") else stream))
 
     def run(self, feeds: dict) -> list:
         for n in self.graph.inputs:
-            v = np.asarray(feeds[n.attrs["name"]])
-            if v.shape != n.shape:
-                raise ValueError(f"input {n.attrs['name']!r}: expected shape {list(n.shape)}, got {list(v.shape)}")
+            v = feeds[n.attrs["name"]]
+            shape = tuple(v.shape) if hasattr(v, "shape") else np.shape(v)
+            if shape != n.shape:
+                raise ValueError(f"input {n.attrs['name']!r}: expected shape {list(n.shape)}, got {list(shape)}")
         self.upload(feeds)
         self.replay()
         outs = []
-        for o in self.graph.outputs:
-            if o.op == "const" and o.id not in self.plan.offsets:
+        for i, o in enumerate(self.graph.outputs):
+            if i in self.updates:
+                outs.append(None)     # written into the parameter's buffer on the device
+            elif o.op == "const" and o.id not in self.plan.offsets:
                 outs.append(np.array(o.attrs["value"]))
             else:
                 outs.append(self._d2h(o.id))
