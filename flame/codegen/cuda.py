@@ -141,13 +141,21 @@ def render(desc: Described, name: str, block: int = 256) -> str:
     else:
         out += [ind + "o = cuda.grid(1)", ind + f"if o >= {desc.n_outer}:", ind + "    return"]
     out += [ind + l for l in unravel("o", desc.outer_dims, k.full, onames)]
+    slots = -(-desc.n_inner // block)
+    for name, d in desc.row_cache.items():   # the row's elements this thread holds
+        out.append(ind + f"{name} = cuda.local.array({slots}, {NUMBA_TYPE[d]})")
 
     def strided(body, tail):
-        loop = f"range(tid, {desc.n_inner}, {block})" if rows else f"range({desc.n_inner})"
-        lines = [ind + f"for r in {loop}:"]
-        lines += [ind + "    " + l for l in unravel("r", desc.inner_dims, k.full, inames)]
-        lines += [ind + "    " + l for l in body.lines]
-        return lines + [ind + "    " + t for t in tail]
+        if not rows:
+            lines = [ind + f"for r in range({desc.n_inner}):"]
+            pre = ind + "    "
+        else:   # slot j of this thread is element tid + j*block of the row
+            lines = [ind + f"for j in range({slots}):", ind + f"    r = tid + j * {block}",
+                     ind + f"    if r < {desc.n_inner}:"]
+            pre = ind + "        "
+        lines += [pre + l for l in unravel("r", desc.inner_dims, k.full, inames)]
+        lines += [pre + l for l in body.lines]
+        return lines + [pre + t for t in tail]
 
     for line in desc.row.lines:
         if not isinstance(line, tuple):

@@ -119,6 +119,8 @@ class Described:
     store: object = None    # ("row", index_expr, value) or ("full", Body, index_expr, value)
     lines: list = field(default_factory=list)         # row-level statements in order
     loads: dict = field(default_factory=dict)         # node id -> index expressions read
+    row_cache: dict = field(default_factory=dict)     # rc_* local array -> dtype (GPU rows)
+    cache_slots: int = 0
 
     def in_place_candidates(self) -> list:
         """Buffers this kernel reads only at the index it writes: the output may overwrite
@@ -130,7 +132,11 @@ class Described:
 
 
 class Describer:
-    def __init__(self, kernel: Kernel):
+    def __init__(self, kernel: Kernel, row_block: int = 0):
+        """row_block: threads per row of the GPU renderer. When a row is at most
+        ROW_CACHE_SLOTS blocks long, each thread keeps the row elements it loads in
+        registers (rc_* local arrays), so later passes over the row (variance after mean,
+        normalise after both) do not read memory again."""
         self.k = kernel
         self.members = kernel.member_ids
         self.params = {}
@@ -143,6 +149,11 @@ class Describer:
         self.inner_dims = tuple(raxes)
         self.ocoord = {d: (f"o{d}" if full[d] != 1 else "0") for d in self.outer_dims}
         self.icoord = {d: (f"ri{d}" if full[d] != 1 else "0") for d in self.inner_dims}
+        n_inner = math.prod(full[d] for d in self.inner_dims)
+        rows = bool(raxes) and (len(full) - 1) in raxes
+        slots = -(-n_inner // row_block) if row_block else 0
+        self.cache_slots = slots if rows and 1 < slots <= ROW_CACHE_SLOTS else 0
+        self.cached = {}     # node id -> (local array name, dtype)
 
     def fresh(self, prefix="v"):
         self.n += 1
@@ -194,12 +205,17 @@ class Describer:
         if node.id not in self.members:
             ctor(node.dtype)
             self.loads.setdefault(node.id, set()).add(lin(coords, node.shape))
-            idx = self.assign(body, lin(coords, node.shape), "i")
-            if node.dtype is dt.boolean:   # bools live in memory as one byte, 0 or 1
-                return self.assign(body, f"({self.param(node)}[{idx}] != 0)")
-            if node.dtype is dt.bf16:
-                return self.assign(body, f"_bf16_load({self.param(node)}[{idx}])")
-            return self.assign(body, f"{self.param(node)}[{idx}]")
+            cache = self.cache_slots and body.parent is not None and node.shape == self.k.full \
+                and coords == self.full_coords()
+            if cache and node.id in self.cached:
+                return self.assign(body, f"{self.cached[node.id][0]}[j]")
+            if cache:
+                v = self._load(body, node, coords)
+                name = f"rc_{self.param(node)}"
+                body.lines.append(f"{name}[j] = {v}")
+                self.cached[node.id] = (name, node.dtype)
+                return v
+            return self._load(body, node, coords)
         if node.op in REDUCE_OPS:
             if node.id not in self.red_vars or coords != tuple(
                     c for c, s in zip(self.red_coords(), node.shape)):
@@ -209,6 +225,14 @@ class Describer:
             return self._movement(body, node, coords)
         v = self._pointwise(body, node, coords)
         return self.assign(body, f"_bf16_round({v})") if node.dtype is dt.bf16 else v
+
+    def _load(self, body, node, coords):
+        idx = self.assign(body, lin(coords, node.shape), "i")
+        if node.dtype is dt.boolean:   # bools live in memory as one byte, 0 or 1
+            return self.assign(body, f"({self.param(node)}[{idx}] != 0)")
+        if node.dtype is dt.bf16:
+            return self.assign(body, f"_bf16_load({self.param(node)}[{idx}])")
+        return self.assign(body, f"{self.param(node)}[{idx}]")
 
     def _bcast(self, coords, out_shape, in_shape):
         lead = len(out_shape) - len(in_shape)
@@ -321,7 +345,7 @@ class Describer:
         n_inner = math.prod(k.full[d] for d in self.inner_dims)
         row = Body(None, [v for v in self.ocoord.values() if v != "0"] + ["o"])
         desc = Described(k, [], self.outer_dims, self.inner_dims, n_outer, n_inner, row)
-        inner_vars = [v for v in self.icoord.values() if v != "0"] + ["r"]
+        inner_vars = [v for v in self.icoord.values() if v != "0"] + ["r", "j"]
         for n in k.nodes:
             if n.op in REDUCE_OPS:
                 body = Body(row, inner_vars)
@@ -345,14 +369,19 @@ class Describer:
             desc.store = ("row", lin(tuple(self.ocoord[d] for d in self.outer_dims),
                                      tuple(k.full[d] for d in self.outer_dims)), val)
         desc.loads = self.loads
+        desc.row_cache = dict(self.cached.values())
+        desc.cache_slots = self.cache_slots
         # outputs last: reads in order of first use, then the written buffer
         desc.params = [p for p in self.param_list if p[2] == "read"] + \
                       [p for p in self.param_list if p[2] == "write"]
         return desc
 
 
-def describe(kernel: Kernel) -> Described:
-    return Describer(kernel).describe()
+ROW_CACHE_SLOTS = 16
+
+
+def describe(kernel: Kernel, row_block: int = 0) -> Described:
+    return Describer(kernel, row_block).describe()
 
 
 def unravel(var: str, dims: tuple, full: tuple, names: dict) -> list:

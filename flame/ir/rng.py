@@ -12,11 +12,12 @@ TWO_POW_M24 = 1.0 / (1 << 24)
 
 def mix32(x):
     x = np.asarray(x, dtype=np.uint32)
-    x = x ^ (x >> np.uint32(16))
-    x = x * np.uint32(0x7FEB352D)
-    x = x ^ (x >> np.uint32(15))
-    x = x * np.uint32(0x846CA68B)
-    x = x ^ (x >> np.uint32(16))
+    with np.errstate(over="ignore"):   # uint32 wraparound is the hash; 0-d inputs would warn
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+        x = x ^ (x >> np.uint32(16))
     return x
 
 

@@ -67,7 +67,8 @@ def user_location() -> str:
         if not _is_internal(f.f_code.co_filename):
             fn = os.path.abspath(f.f_code.co_filename)
             try:
-                rel = os.path.relpath(fn)
+                # flame's own files read flame/examples/mlp.py wherever flame is installed
+                rel = os.path.relpath(fn, os.path.dirname(_FLAME_DIR) if fn.startswith(_USER_SUBDIRS) else None)
                 if not rel.startswith(".."):
                     fn = rel
             except ValueError:
@@ -89,6 +90,7 @@ class TraceContext:
         self.params: dict[int, Node] = {}     # id(Parameter) -> input node
         self.param_objs: dict[int, object] = {}
         self.param_names: dict[int, str] = {}  # id(Parameter) -> state-dict name
+        self.module_paths: dict[int, str] = {}  # id(Module) -> path from the called root
         self.rng_seed: Node | None = None
         self.rng_streams = 0
 
@@ -173,7 +175,8 @@ def bind(op: str, *inputs, **attrs):
     except ShapeError as e:
         loc = ctx.rule_loc if ctx.rule else user_location()
         where = f" (backward rule {ctx.rule})" if ctx.rule else ""
-        raise ShapeError(f"{loc}: {op}: {e}{where}") from None
+        msg = str(e) if str(e).startswith(op) else f"{op}: {e}"   # "matmul of ...", not "matmul: matmul of ..."
+        raise ShapeError(f"{loc}: {msg}{where}") from None
     if ctx.rule is not None:
         sc, loc = ctx.rule_scope, ctx.rule_loc
     else:

@@ -26,7 +26,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             padding = 0
         elif padding == "same":
             d = ops._pair(dilation)
-            padding = tuple(d[i] * (w.shape[2 + i] - 1) // 2 for i in range(2))
+            total = [d[i] * (w.shape[2 + i] - 1) for i in range(2)]
+            padding = tuple(t // 2 for t in total)
+            if any(t % 2 for t in total):   # even kernel: torch puts the extra row/col after
+                x = x.pad_general([(0, 0, 0)] * 2 + [(0, t % 2, 0) for t in total])
         else:
             raise ValueError(f"{user_location()}: conv2d padding {padding!r}: use an int, a pair, 'valid' or 'same'")
     y = ops.conv2d_raw(x, w, stride, padding, dilation, groups)

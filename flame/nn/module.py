@@ -239,7 +239,16 @@ class Module:
         ctx = tracer.current()
         if not ctx.scope:
             ctx.name_params(self)
-        with tracer.scope(self._name if ctx.scope else ""):
+            for path, m in self.named_modules():
+                ctx.module_paths.setdefault(id(m), path)
+        # a child called from its parent's forward (through a ModuleList it iterates, say)
+        # gets its whole path below the current scope: blocks.1.norm, not 1.norm
+        cur = ".".join(s for s in ctx.scope if s)
+        full = ctx.module_paths.get(id(self))
+        name = self._name
+        if full and (not cur or full.startswith(cur + ".")):
+            name = full[len(cur) + 1:] if cur else full
+        with tracer.scope(name if ctx.scope else ""):
             return self.forward(*args, **kwargs)
 
     def extra_repr(self) -> str:

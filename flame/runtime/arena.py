@@ -95,6 +95,14 @@ def plan_graph(graph, kernels, in_place=None) -> Plan:
     for o in graph.outputs:
         if root(o.id) in lifetimes:
             lifetimes[root(o.id)][1] = end
+    # parameters and array constants persist between steps (the GPU runner uploads them only
+    # when they change, and writes parameter updates back at the end): never reuse their bytes
+    for n in graph.inputs:
+        if n.attrs["kind"] == "param":
+            lifetimes[n.id][1] = end
+    for n in graph.nodes:
+        if n.op == "const" and n.id in lifetimes:
+            lifetimes[n.id][1] = end
     nodes = {n.id: n for n in graph.all_nodes()}
     naive = sum(_align(max(nodes[i].nbytes, 1)) for i in lifetimes)   # before any sharing
     for i, k in enumerate(kernels, start=1):

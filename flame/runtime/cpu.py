@@ -53,7 +53,8 @@ class CpuRunner:
         self.steps = []
         self.sources = {}
         self.nodes = {n.id: n for n in graph.all_nodes()}
-        descs = {k.root.id: describe(k) for k in self.kernels if k.kind != "L" and arena.alias_of(k) is None}
+        descs = {k.root.id: describe(k, block if target != "cpu" else 0) for k in self.kernels
+                 if k.kind != "L" and arena.alias_of(k) is None}
         self.plan = arena.plan_graph(graph, self.kernels,
                                      {r: d.in_place_candidates() for r, d in descs.items()})
         for k in self.kernels:

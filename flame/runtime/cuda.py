@@ -62,7 +62,8 @@ class CudaRunner:
         self.graph = graph = split_reductions(graph)
         self.kernels = fuse(graph)
         self.nodes = {n.id: n for n in graph.all_nodes()}
-        self.descs = {k.root.id: describe(k) for k in self.kernels if k.kind != "L" and arena.alias_of(k) is None}
+        self.descs = {k.root.id: describe(k, block) for k in self.kernels
+                      if k.kind != "L" and arena.alias_of(k) is None}
         self.plan = arena.plan_graph(graph, self.kernels,
                                      {r: d.in_place_candidates() for r, d in self.descs.items()})
         self.sources = {}
