@@ -1,1 +1,4 @@
 """Stable Diffusion 1.5 models in flame.nn (issue 4)."""
+from flame.models.loading import load_unet, load_vae  # noqa: E402,F401
+from flame.models.unet import UNet2DConditionModel  # noqa: E402,F401
+from flame.models.vae import AutoencoderKL, SCALING_FACTOR  # noqa: E402,F401

@@ -200,6 +200,7 @@ def make_parser() -> argparse.ArgumentParser:
                "  flame-compile model.py:loss --arg x:f32[32,4] --arg y:f32[32,1] --grad\n"
                "  flame-compile model.py:Block --init channels=16 --arg x:f32[2,16,8,8] --after-each-pass\n"
                "  flame-compile model.py:net --arg x:f32[8,3] --grad --loss mean --passes simplify,dce\n"
+               "  flame-compile --schedule cuda --kernels   the default's fused CUDA kernels, as source\n"
                "\nexit status: 0 ok, 1 the traced code failed (e.g. a shape error, reported with its\n"
                "file:line), 2 a bad command line.")
     p.add_argument("target", nargs="?",
@@ -219,6 +220,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="reduce the output to a scalar first (needed by --grad when the output is not a scalar)")
     p.add_argument("--after-each-pass", action="store_true",
                    help="print the traced graph, then the graph after every pass under a '# after PASS' header")
+    p.add_argument("--schedule", choices=("cpu", "cuda"),
+                   help="also fuse and plan memory for a backend and print the schedule: each kernel, "
+                        "what it fuses, what it could not fuse and why, launches, arena bytes (no GPU needed)")
+    p.add_argument("--kernels", action="store_true",
+                   help="also print every generated kernel's source (for --schedule's backend, default cuda)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--passes", metavar="P1,P2,...",
                    help=f"the passes to run, in order (default {DEFAULT_PASS_ORDER}); known: {', '.join(PASSES)}")
@@ -265,7 +271,18 @@ def run(opts, out) -> None:
         after = lambda pname, g: out.write(f"\n# after {pname}\n" + flame.dump(g))  # noqa: E731
         P.optimize(graph, passes, after_each=after)
     else:
-        out.write(flame.dump(P.optimize(graph, passes)))
+        graph = P.optimize(graph, passes)
+        if opts.schedule or opts.kernels:
+            from ..codegen.schedule import make_schedule
+            sched = make_schedule(graph, opts.schedule or "cuda")
+            out.write(flame.dump(sched.graph, runner=sched))
+            if opts.kernels:
+                out.write(f"\n# ---- helpers every {sched.target} kernel module starts with\n" + sched.prelude())
+                for i, k in enumerate(sched.kernels):
+                    if k.root.id in sched.descs and sched.runs(k):
+                        out.write(f"\n# ---- K{i} {k.name} ({sched.target})\n" + sched.source(k, with_prelude=False))
+        else:
+            out.write(flame.dump(graph))
     if default:
         out.write(DEFAULT_NOTE)
 

@@ -178,7 +178,11 @@ class Describer:
             return expr
         while body.parent is not None and not body.varies(expr):
             body = body.parent
+        hit = body.lookup(("expr", expr))   # the same expression already has a name here
+        if hit is not None:
+            return hit
         v = self.fresh(prefix)
+        body.memo[("expr", expr)] = v
         body.lines.append(f"{v} = {expr}")
         if body.parent is not None:
             body.own.add(v)

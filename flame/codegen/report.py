@@ -8,6 +8,7 @@ from ..ir.printer import fmt_bytes
 
 
 def schedule_lines(runner, names: dict) -> list:
+    """runner: a Schedule or a runner holding one (.kernels, .plan, .target)."""
     plan = runner.plan
     ref = lambda n: names.get(n.id, f"#{n.id}")
     # fusion writes reasons with raw node ids (%123); show them under the dump's names
@@ -16,7 +17,7 @@ def schedule_lines(runner, names: dict) -> list:
     lib = sum(1 for k in runner.kernels if k.kind == "L")
     renames = set(plan.aliases) - set(plan.in_place)
     gen = sum(1 for k in runner.kernels if k.kind != "L" and k.root.id not in renames)
-    graph = " -> 1 CUDA graph" if type(runner).__name__ == "CudaRunner" else ""
+    graph = " -> 1 CUDA graph" if getattr(runner, "target", "") == "cuda" else ""
     lines.append(f"# schedule: {lib + gen} launches ({lib} library, {gen} generated){graph}")
     for i, k in enumerate(runner.kernels):
         tag = f"#   K{i} {k.name}"

@@ -87,6 +87,9 @@ class Embedding(Module):
     def __init__(self, num_embeddings, embedding_dim, padding_idx=None, dtype="f32"):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        if init.shape_only_active():   # no draw, no memory (see init.shape_only)
+            self.weight = Parameter(np.broadcast_to(np.float32(0), (num_embeddings, embedding_dim)), dtype=dtype)
+            return
         w = init.rng().standard_normal((num_embeddings, embedding_dim)).astype(np.float32)
         if padding_idx is not None:
             w[padding_idx] = 0

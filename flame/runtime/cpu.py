@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..codegen import cpu as cpu_render
 from ..codegen.cache import load
-from ..codegen.fusion import fuse, is_literal
-from ..codegen.kernel import describe
-from ..codegen.split import split_reductions
+from ..codegen.fusion import is_literal
+from ..codegen.schedule import make_schedule
 from ..ir import dtypes as dt
 from ..ir.graph import Graph
 from ..ir.primitives import PRIMS
@@ -46,30 +44,26 @@ def _library(node):
 
 class CpuRunner:
     def __init__(self, graph: Graph, target: str = "cpu", block: int = 64):
-        self.graph = graph = split_reductions(graph)
+        sched = make_schedule(graph, target, block)
+        self.schedule = sched
+        self.graph, self.kernels, self.plan = sched.graph, sched.kernels, sched.plan
         self.target = target
         self.block = block
-        self.kernels = fuse(graph)
         self.steps = []
         self.sources = {}
-        self.nodes = {n.id: n for n in graph.all_nodes()}
-        descs = {k.root.id: describe(k, block if target != "cpu" else 0) for k in self.kernels
-                 if k.kind != "L" and arena.alias_of(k) is None}
-        self.plan = arena.plan_graph(graph, self.kernels,
-                                     {r: d.in_place_candidates() for r, d in descs.items()})
+        self.nodes = {n.id: n for n in self.graph.all_nodes()}
         for k in self.kernels:
-            if k.root.id in self.plan.aliases and k.root.id not in self.plan.in_place:
+            if not sched.runs(k):
                 continue    # a reshape of a buffer: same bytes, nothing to run
             if k.kind == "L":
                 self.steps.append((k, _library(k.root), [i.id for i in k.root.inputs], k.root.id))
             else:
-                d = descs[k.root.id]
+                d = sched.descs[k.root.id]
+                src = sched.source(k)
                 if target == "cpu":
-                    src = cpu_render.module_source(d, k.name)
                     fn = load(k.name, src, "cpu")
                 else:
                     from ..codegen import cuda as cuda_render
-                    src = cuda_render.module_source(d, k.name, block)
                     grid, blk = cuda_render.launch_dims(d, block)
                     fn = load(k.name, src, "cuda-sim")[grid, blk]
                 self.sources[k.name] = src

@@ -12,9 +12,8 @@ import numpy as np
 from ..codegen import cuda as cuda_render
 from ..codegen import library_cuda as lib
 from ..codegen.cache import load, cached_text
-from ..codegen.fusion import fuse, is_literal
-from ..codegen.kernel import describe
-from ..codegen.split import split_reductions
+from ..codegen.fusion import is_literal
+from ..codegen.schedule import make_schedule
 from ..ir import dtypes as dt
 from ..ir.graph import Graph
 from . import arena
@@ -54,18 +53,16 @@ class CudaRunner:
             raise RuntimeError(f"backend='cuda' needs an NVIDIA GPU with its driver and the cuda "
                                f"extra (pip install 'flame[cuda]'): {type(e).__name__}: {e}") from None
         self.block = block
+        self.target = "cuda"
         self.stream = self.dev.create_stream()
         self.hstream = int(self.stream.handle)
         cc = self.dev.compute_capability
         self.cc = (cc[0], cc[1])
         self.arch = f"sm_{self.cc[0]}{self.cc[1]}"
-        self.graph = graph = split_reductions(graph)
-        self.kernels = fuse(graph)
-        self.nodes = {n.id: n for n in graph.all_nodes()}
-        self.descs = {k.root.id: describe(k, block) for k in self.kernels
-                      if k.kind != "L" and arena.alias_of(k) is None}
-        self.plan = arena.plan_graph(graph, self.kernels,
-                                     {r: d.in_place_candidates() for r, d in self.descs.items()})
+        sched = make_schedule(graph, "cuda", block)
+        self.schedule = sched
+        self.graph, self.kernels, self.plan, self.descs = sched.graph, sched.kernels, sched.plan, sched.descs
+        self.nodes = {n.id: n for n in self.graph.all_nodes()}
         self.sources = {}
         scratch = max([self._scratch_bytes(k) for k in self.kernels if k.kind == "L"] + [0])
         self.scratch_off = arena._align(self.plan.peak)
@@ -73,8 +70,7 @@ class CudaRunner:
         self.buf = self.dev.allocate(ws_off + WORKSPACE, stream=self.stream)
         self.base = int(self.buf.handle)
         self.cublas = Handle(self.hstream, self.base + ws_off, WORKSPACE, tf32)
-        self.steps = [self._step(k) for k in self.kernels
-                      if k.root.id not in self.plan.aliases or k.root.id in self.plan.in_place]
+        self.steps = [self._step(k) for k in self.kernels if sched.runs(k)]
         self.launches = sum(n for _, n in self.steps)
         self.exec = None
         self.use_graph = use_graph
@@ -147,7 +143,7 @@ class CudaRunner:
     def _step(self, k):
         if k.kind != "L":
             d = self.descs[k.root.id]
-            src = cuda_render.module_source(d, k.name, self.block)
+            src = self.schedule.source(k)
             kern = self._compile(k.name, src, [p[1].dtype for p in d.params])
             grid, blk = cuda_render.launch_dims(d, self.block)
             return self._launcher(kern, grid, blk, [self.ptr(p[1].id) for p in d.params]), 1
