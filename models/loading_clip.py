@@ -57,7 +57,7 @@ def to_flame_keys(sd: dict) -> tuple[dict, str]:
         sd = {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in sd.items()}
     elif any(k.startswith(PREFIX) for k in sd):
         layout = "hf"
-    elif any(k.startswith(BARE) for k in sd) and not any(k.startswith("encoder.down") for k in sd):
+    elif any(k.startswith(("embeddings.", "encoder.layers.", "final_layer_norm.")) for k in sd):
         layout = "hf5"
         sd = {(PREFIX + k if k.startswith(BARE) else k): v for k, v in sd.items()}
     else:
