@@ -41,11 +41,13 @@ def load(name: str, source: str, backend: str, arch: str = ""):
     return getattr(mod, name)
 
 
-def cached_text(key_parts, name: str, suffix: str, make) -> str:
-    """Text derived from generated source (PTX, say), kept beside it under its own hash."""
+def cached_text(key_parts, name: str, suffix: str, make, versioned: bool = True) -> str:
+    """Text derived from generated source (PTX, say), kept under its own hash. versioned:
+    the key also holds the flame and Numba versions (off where key_parts pin the compiler)."""
     import numba
     from .. import __version__
-    key = hashlib.sha256("\0".join(list(key_parts) + [__version__, numba.__version__]).encode()).hexdigest()[:20]
+    parts = list(key_parts) + ([__version__, numba.__version__] if versioned else [])
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
     d = os.path.join(cache_dir(), suffix)
     path = os.path.join(d, f"{name}_{key}.{suffix}")
     if os.path.exists(path):

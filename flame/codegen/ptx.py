@@ -2,19 +2,34 @@
 reading what the compiler made of a kernel."""
 from __future__ import annotations
 
-from .cache import load
-from .cuda import NUMBA_TYPE, module_source
+from ..ir import dtypes as dt
+from .cache import cached_text, load
+from .cuda import module_source
 from .kernel import Described
 
 
+def kernel_ptx(name: str, src: str, dtypes, cc=(9, 0)) -> str:
+    """PTX of kernel `name` in generated module `src`, with raw-pointer arguments of these
+    dtypes. Kernels that differ only in their name share one compilation: the cache key is
+    the source with the name replaced, the architecture, the signature and numba-cuda's
+    version, so PTX compiled on a machine without a GPU serves the GPU machine too."""
+    from numba import cuda, types as nt
+    import numba_cuda
+    ptr = {dt.f32: nt.float32, dt.f64: nt.float64, dt.i32: nt.int32, dt.i64: nt.int64,
+           dt.boolean: nt.uint8, dt.bf16: nt.uint16}   # bools are bytes, bf16 its bits
+    sig = tuple(nt.CPointer(ptr[d]) for d in dtypes)
+    canon = src.replace(f"def {name}(", "def kernel(")
+    arch = f"sm_{cc[0]}{cc[1]}"
+
+    def make():
+        fn = load("kernel", canon, "cuda", arch)
+        return cuda.compile_ptx(fn.py_func, sig, cc=cc)[0]
+    return cached_text([canon, arch, repr(sig), numba_cuda.__version__], "kernel", "ptx", make,
+                       versioned=False)
+
+
 def compile_ptx(desc: Described, name: str, cc=(9, 0), block: int = 256) -> str:
-    from numba import cuda
-    src = module_source(desc, name, block)
-    fn = load(name, src, "cuda", f"sm_{cc[0]}{cc[1]}")
-    import numba
-    sig = tuple(eval(NUMBA_TYPE[p[1].dtype], {"numba": numba})[::1] for p in desc.params)
-    ptx, _ = cuda.compile_ptx(fn.py_func, sig, cc=cc)
-    return ptx
+    return kernel_ptx(name, module_source(desc, name, block), [p[1].dtype for p in desc.params], cc)
 
 
 # libdevice's sinf/cosf reduce huge arguments (|x| > ~1e5) with one float64 multiply by

@@ -120,8 +120,8 @@ def simplify(graph: Graph) -> Graph:
         if op == "expand" and ins[0].op == "expand":
             return emit("expand", (ins[0].inputs[0],), a, n)
         if op == "cast" and ins[0].op == "cast" and ins[0].inputs[0].dtype is n.dtype \
-                and ins[0].dtype.itemsize >= n.dtype.itemsize and ins[0].dtype.is_float and n.dtype.is_float:
-            return ins[0].inputs[0]   # widening then narrowing back is exact
+                and ins[0].dtype.itemsize > n.dtype.itemsize and ins[0].dtype.is_float and n.dtype.is_float:
+            return ins[0].inputs[0]   # widening then narrowing back is exact (f16<->bf16 is not)
         return n
     return _rewrite(graph, visit)
 

@@ -11,7 +11,6 @@ import numpy as np
 
 from ..codegen import cuda as cuda_render
 from ..codegen import library_cuda as lib
-from ..codegen.cache import load, cached_text
 from ..codegen.fusion import is_literal
 from ..codegen.schedule import make_schedule
 from ..ir import dtypes as dt
@@ -32,32 +31,33 @@ def _ck(res):
     return vals[0] if len(vals) == 1 else vals
 
 
-def _nt(d: dt.DType):
-    from numba import types as nt
-    return {dt.f32: nt.float32, dt.f64: nt.float64, dt.i32: nt.int32, dt.i64: nt.int64,
-            dt.boolean: nt.uint8, dt.bf16: nt.uint16}[d]   # bools are bytes, bf16 its bits
-
-
 class CudaRunner:
     def __init__(self, graph: Graph, block: int = 256, tf32: bool = False, use_graph: bool = True,
-                 updates: dict | None = None):
+                 updates: dict | None = None, compile_only: tuple | None = None):
         """updates: output index -> input node id whose buffer receives that output at the
-        end of every step (parameters updated on the device)."""
+        end of every step (parameters updated on the device). compile_only=(9, 0): no GPU
+        needed; compile every kernel's PTX for that architecture into the cache and stop
+        (a machine without a GPU can prepare the cache a GPU machine then loads)."""
         self.updates = dict(updates or {})
         self._uploaded, self._resident, self._param_input = {}, {}, {}
-        try:
-            from cuda.core import Device
-            self.dev = Device(0)
-            self.dev.set_current()
-        except Exception as e:   # no driver, no device, or cuda-core missing
-            raise RuntimeError(f"backend='cuda' needs an NVIDIA GPU with its driver and the cuda "
-                               f"extra (pip install 'flame[cuda]'): {type(e).__name__}: {e}") from None
+        self._modules = {}
         self.block = block
         self.target = "cuda"
-        self.stream = self.dev.create_stream()
-        self.hstream = int(self.stream.handle)
-        cc = self.dev.compute_capability
-        self.cc = (cc[0], cc[1])
+        self.dev = None
+        if compile_only:
+            self.cc, self.hstream, self.base = tuple(compile_only), 0, 0
+        else:
+            try:
+                from cuda.core import Device
+                self.dev = Device(0)
+                self.dev.set_current()
+            except Exception as e:   # no driver, no device, or cuda-core missing
+                raise RuntimeError(f"backend='cuda' needs an NVIDIA GPU with its driver and the cuda "
+                                   f"extra (pip install 'flame[cuda]'): {type(e).__name__}: {e}") from None
+            self.stream = self.dev.create_stream()
+            self.hstream = int(self.stream.handle)
+            cc = self.dev.compute_capability
+            self.cc = (cc[0], cc[1])
         self.arch = f"sm_{self.cc[0]}{self.cc[1]}"
         sched = make_schedule(graph, "cuda", block)
         self.schedule = sched
@@ -67,14 +67,17 @@ class CudaRunner:
         scratch = max([self._scratch_bytes(k) for k in self.kernels if k.kind == "L"] + [0])
         self.scratch_off = arena._align(self.plan.peak)
         ws_off = self.scratch_off + arena._align(scratch)
-        self.buf = self.dev.allocate(ws_off + WORKSPACE, stream=self.stream)
-        self.base = int(self.buf.handle)
-        self.cublas = Handle(self.hstream, self.base + ws_off, WORKSPACE, tf32)
+        if self.dev is not None:
+            self.buf = self.dev.allocate(ws_off + WORKSPACE, stream=self.stream)
+            self.base = int(self.buf.handle)
+            self.cublas = Handle(self.hstream, self.base + ws_off, WORKSPACE, tf32)
         self.steps = [self._step(k) for k in self.kernels if sched.runs(k)]
         self.launches = sum(n for _, n in self.steps)
         self.exec = None
         self.use_graph = use_graph
-        for n in graph.nodes:   # array constants are uploaded once
+        if self.dev is None:
+            return
+        for n in self.graph.nodes:   # array constants are uploaded once
             if n.op == "const" and n.id in self.plan.offsets:
                 self._h2d(n.id, n.attrs["value"])
         self.sync()
@@ -107,16 +110,15 @@ class CudaRunner:
     # ---- compilation
     def _compile(self, name, src, dtypes):
         from cuda.core import ObjectCode
-        from numba import cuda as ncuda, types as nt
-        fn = load(name, src, "cuda", self.arch)
-        sig = tuple(nt.CPointer(_nt(d)) for d in dtypes)
-
-        def make():
-            return ncuda.compile_ptx(fn.py_func, sig, cc=self.cc)[0]
-        ptx = cached_text([src, self.arch, repr(sig)], name, "ptx", make)
-        entry = re.search(r"\.entry\s+([\w$]+)\s*\(", ptx).group(1)
+        from ..codegen.ptx import kernel_ptx
+        ptx = kernel_ptx(name, src, dtypes, self.cc)
         self.sources[name] = src
-        return ObjectCode.from_ptx(ptx.encode()).get_kernel(entry)  # str would be a path
+        if self.dev is None:
+            return None
+        if ptx not in self._modules:   # kernels with the same code share one loaded module
+            entry = re.search(r"\.entry\s+([\w$]+)\s*\(", ptx).group(1)
+            self._modules[ptx] = ObjectCode.from_ptx(ptx.encode()).get_kernel(entry)  # str = a path
+        return self._modules[ptx]
 
     def _launcher(self, kern, grid, block, ptrs):
         from cuda.core import LaunchConfig, launch
