@@ -16,6 +16,7 @@ import numpy as np
 
 import flame
 import flame.nn.functional as F
+from flame.compile import Compiled
 from flame.models.configs import SD15_UNET, TINY_UNET
 from flame.models.unet import UNet2DConditionModel
 from flame.nn import init
@@ -75,7 +76,7 @@ def run(out_path):
     fwd_g, train_g = graphs(unet, SD15_UNET)
     for name, g, args in (("fwd", fwd_g, (x, t, c)), ("fwd+bwd", train_g, (x, t, c, y))):
         t0 = time.time()
-        comp = flame.Compiled(g, "cuda")
+        comp = Compiled(g, "cuda")
         build = time.time() - t0
         r = comp.runner
         r.upload(comp.feeds(args))

@@ -41,22 +41,24 @@ def load(name: str, source: str, backend: str, arch: str = ""):
     return getattr(mod, name)
 
 
-def cached_text(key_parts, name: str, suffix: str, make, versioned: bool = True) -> str:
-    """Text derived from generated source (PTX, say), kept under its own hash. versioned:
-    the key also holds the flame and Numba versions (off where key_parts pin the compiler)."""
+def cached_text(key_parts, name: str, suffix: str, make, versioned: bool = True):
+    """Text (or bytes) derived from generated source — PTX, cubins — kept under its own
+    hash. versioned: the key also holds the flame and Numba versions (off where key_parts
+    pin the compiler themselves)."""
     import numba
     from .. import __version__
     parts = list(key_parts) + ([__version__, numba.__version__] if versioned else [])
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
     d = os.path.join(cache_dir(), suffix)
     path = os.path.join(d, f"{name}_{key}.{suffix}")
+    binary = suffix in ("cubin",)
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, "rb" if binary else "r") as f:
             return f.read()
-    text = make()
+    data = make()
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb" if binary else "w") as f:
+        f.write(data)
     os.replace(tmp, path)
-    return text
+    return data

@@ -24,8 +24,29 @@ def kernel_ptx(name: str, src: str, dtypes, cc=(9, 0)) -> str:
     def make():
         fn = load("kernel", canon, "cuda", arch)
         return cuda.compile_ptx(fn.py_func, sig, cc=cc)[0]
-    return cached_text([canon, arch, repr(sig), numba_cuda.__version__], "kernel", "ptx", make,
-                       versioned=False)
+    return cached_text([canon, arch, repr(sig), numba_cuda.__version__, _version("nvidia-nvvm")],
+                       "kernel", "ptx", make, versioned=False)
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "system"
+
+
+def kernel_cubin(name: str, src: str, dtypes, cc=(9, 0)) -> bytes:
+    """Machine code for the kernel, linked from its PTX by nvJitLink. A cubin runs on any
+    driver of the same CUDA major version, where PTX from a newer compiler would be refused
+    by an older driver's JIT; so cubins prepared on another machine can be carried over."""
+    from cuda.core import Linker, LinkerOptions, ObjectCode
+    ptx = kernel_ptx(name, src, dtypes, cc)
+    arch = f"sm_{cc[0]}{cc[1]}"
+
+    def make():
+        return Linker(ObjectCode.from_ptx(ptx.encode()), options=LinkerOptions(arch=arch)).link("cubin").code
+    return cached_text([ptx, arch, _version("nvidia-nvjitlink")], "kernel", "cubin", make, versioned=False)
 
 
 def compile_ptx(desc: Described, name: str, cc=(9, 0), block: int = 256) -> str:

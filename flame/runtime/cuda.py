@@ -110,15 +110,16 @@ class CudaRunner:
     # ---- compilation
     def _compile(self, name, src, dtypes):
         from cuda.core import ObjectCode
-        from ..codegen.ptx import kernel_ptx
-        ptx = kernel_ptx(name, src, dtypes, self.cc)
+        from ..codegen.ptx import kernel_cubin, kernel_ptx
+        cubin = kernel_cubin(name, src, dtypes, self.cc)
         self.sources[name] = src
         if self.dev is None:
             return None
-        if ptx not in self._modules:   # kernels with the same code share one loaded module
+        if cubin not in self._modules:   # kernels with the same code share one loaded module
+            ptx = kernel_ptx(name, src, dtypes, self.cc)
             entry = re.search(r"\.entry\s+([\w$]+)\s*\(", ptx).group(1)
-            self._modules[ptx] = ObjectCode.from_ptx(ptx.encode()).get_kernel(entry)  # str = a path
-        return self._modules[ptx]
+            self._modules[cubin] = ObjectCode.from_cubin(cubin).get_kernel(entry)
+        return self._modules[cubin]
 
     def _launcher(self, kern, grid, block, ptrs):
         from cuda.core import LaunchConfig, launch
