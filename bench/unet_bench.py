@@ -94,17 +94,21 @@ def run(out_path):
     tu = TorchUNet(sample_size=64, cross_attention_dim=768, attention_head_dim=8).cuda().float()
     tx, tt, tc, ty = (torch.from_numpy(a).cuda() for a in (x, t, c, y))
     sync = torch.cuda.synchronize
-    with torch.no_grad():
-        torch.cuda.reset_peak_memory_stats()
-        rows["torch_fwd_ms"] = round(median_ms(lambda: tu(tx, tt, tc).sample, sync), 2)
-        rows["torch_fwd_peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
     def step():
         tu.zero_grad(set_to_none=True)
         torch.nn.functional.mse_loss(tu(tx, tt, tc).sample, ty).backward()
-    torch.cuda.reset_peak_memory_stats()
-    rows["torch_fwd+bwd_ms"] = round(median_ms(step, sync), 2)
-    rows["torch_fwd+bwd_peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    rows["torch_attention"] = type(tu.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor).__name__
+    for bench_mode in (False, True):   # cuDNN's default algorithm choice, then its autotuner
+        torch.backends.cudnn.benchmark = bench_mode
+        tag = "_cudnn_benchmark" if bench_mode else ""
+        with torch.no_grad():
+            torch.cuda.reset_peak_memory_stats()
+            rows[f"torch_fwd{tag}_ms"] = round(median_ms(lambda: tu(tx, tt, tc).sample, sync), 2)
+            rows[f"torch_fwd{tag}_peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        torch.cuda.reset_peak_memory_stats()
+        rows[f"torch_fwd+bwd{tag}_ms"] = round(median_ms(step, sync), 2)
+        rows[f"torch_fwd+bwd{tag}_peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(rows), flush=True)
     if out_path:
         json.dump(rows, open(out_path, "w"), indent=1)

@@ -130,3 +130,22 @@ def test_bf16_storage_on_cpu_backend_equals_interpreter():
     for a, b in zip([got[0], *got[1]], [ref[0], *ref[1]]):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.allclose(a, b, rtol=1e-2, atol=1e-2 * np.abs(b).max()), (a, b)
+
+
+def test_cubin_links_without_a_gpu_and_is_shared_by_same_code(tmp_path, monkeypatch):
+    """nvJitLink turns the PTX into machine code here; two kernels that differ only in
+    their name share one cached cubin."""
+    pytest.importorskip("cuda.core")
+    from flame.codegen.ptx import kernel_cubin
+    from flame.ir import dtypes as dt
+    monkeypatch.setenv("FLAME_CACHE_DIR", str(tmp_path))
+    x = rng.standard_normal((4, 40)).astype(np.float32)
+    g = split_reductions(flame.compile(lambda x: F.softmax(x, dim=-1), x).graph)
+    (k,) = fuse(g)
+    from flame.codegen.cuda import module_source
+    src = module_source(describe(k, 32), k.name, 32)
+    entry, cubin = kernel_cubin(k.name, src, [dt.f32, dt.f32], (9, 0))
+    assert cubin[:4] == b"\x7fELF" and entry
+    renamed = src.replace(f"def {k.name}(", "def other_name(")
+    assert kernel_cubin("other_name", renamed, [dt.f32, dt.f32], (9, 0)) == (entry, cubin)
+    assert len(list((tmp_path / "kernels" / "cubin").iterdir())) == 1

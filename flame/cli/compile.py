@@ -2,6 +2,7 @@
 
     flame-compile model.py:loss --arg x:f32[32,4] --arg y:f32[32,1] --grad
     flame-compile model.py:Block --arg x:f32[2,8,4,4] --init channels=8 --after-each-pass
+    flame-compile --model sd15-unet --grad --summary      the full SD 1.5 UNet training step, summarised
 
 With no target it dumps its built-in default, the training step of flame/examples/mlp.py.
 Exit status: 0 ok, 1 the traced code failed (a shape error names its file:line), 2 a bad
@@ -187,6 +188,113 @@ def trace_target(fn, module, sig_source, specs: list, grad: bool, loss: str | No
     return flame.trace(named(vg, sig_source), *args, name=f"{name}_grad")
 
 
+# ---------------------------------------------------------------- --model: the Stable Diffusion presets
+
+PRESETS = ("sd15-unet", "sd15-vae", "sd15-clip")
+PRESET_CONFIGS = ("tiny", "sd15")
+TOKENS = 77   # CLIP's context length: prompts are padded to it
+PRESET_HELP = (   # the help formatter keeps these line breaks
+    "sd15-unet  unet(x:f32[B,4,L,L], timesteps:i64[B], context:f32[B,77,C]) -> noise_pred;\n"
+    "           --grad: loss = mse(noise_pred, target:f32[B,4,L,L])\n"
+    "sd15-vae   encode and decode in one graph: vae(image:f32[B,3,F*L,F*L]) -> (mean, logvar,\n"
+    "           decoded = decode(mean)), F = 2^(blocks-1) (8 for sd15, 2 for tiny);\n"
+    "           --grad: loss = mse(decoded, image), the reconstruction error\n"
+    "sd15-clip  clip(input_ids:i64[B,77]) -> hidden, the last hidden state;\n"
+    "           --grad: loss = mean(hidden * hidden)\n"
+    "--grad dumps the loss and the gradients of every parameter (not of the inputs).")
+
+
+def preset_configs(config: str):
+    from flame.models import configs, configs_clip
+    if config == "tiny":
+        return configs.TINY_UNET, configs.TINY_VAE, configs_clip.TINY_TEXT
+    return configs.SD15_UNET, configs.SD15_VAE, configs_clip.SD15_TEXT
+
+
+def _out(t, name: str):
+    """Name an output in the dump (`noise_pred:f32[...] = ...` rather than `%3088`)."""
+    t.name_hint = name
+    return t
+
+
+def build_preset(opts):
+    """-> (fn, module, specs, name) for --model. The model is built shape-only (no weights are
+    allocated: the dump needs shapes, so the full SD 1.5 UNet builds and traces in a second)."""
+    import flame.nn.functional as F
+    from flame.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+    from flame.nn.init import shape_only
+    b = 1 if opts.batch is None else opts.batch   # None: not given (so a target can refuse it)
+    config, f32 = opts.config or "sd15", "f32"
+    if b < 1:
+        raise UsageError(f"--batch {b}: must be at least 1")
+    unet_cfg, vae_cfg, text_cfg = preset_configs(config)
+    if opts.model == "sd15-clip":
+        if opts.latent_size is not None:
+            raise UsageError(f"--latent-size does not apply to sd15-clip (it reads {TOKENS} tokens)")
+        with shape_only():
+            model = CLIPTextModel(text_cfg)
+
+        def clip(input_ids):
+            return _out(model(input_ids), "hidden")
+
+        def clip_loss(input_ids):
+            h = model(input_ids)
+            return (h * h).mean()
+        return (clip_loss if opts.grad else clip), model, [("input_ids", flame.spec((b, TOKENS), "i64"))], "clip"
+    side = unet_cfg.sample_size if opts.latent_size is None else opts.latent_size
+    if side < 1:
+        raise UsageError(f"--latent-size {side}: must be at least 1")
+    if opts.model == "sd15-vae":
+        with shape_only():
+            model = AutoencoderKL(vae_cfg)
+        px = side * 2 ** (len(vae_cfg.block_out_channels) - 1)
+        image = [("image", flame.spec((b, vae_cfg.in_channels, px, px), f32))]
+
+        def vae(image):
+            mean, logvar = model.encode(image)
+            return _out(mean, "mean"), _out(logvar, "logvar"), _out(model.decode(mean), "decoded")
+
+        def vae_loss(image):
+            return F.mse_loss(model.decode(model.encode(image)[0]), image)
+        return (vae_loss if opts.grad else vae), model, image, "vae"
+    k = 2 ** (len(unet_cfg.block_out_channels) - 1)
+    if side % k:
+        raise UsageError(f"--latent-size {side}: the {config} UNet needs a multiple of {k}")
+    with shape_only():
+        model = UNet2DConditionModel(unet_cfg)
+    latent = (b, unet_cfg.in_channels, side, side)
+    specs = [("x", flame.spec(latent, f32)), ("timesteps", flame.spec((b,), "i64")),
+             ("context", flame.spec((b, TOKENS, unet_cfg.cross_attention_dim), f32))]
+
+    def unet(x, timesteps, context):
+        return _out(model(x, timesteps, context), "noise_pred")
+
+    def unet_loss(x, timesteps, context, target):
+        return F.mse_loss(model(x, timesteps, context), target)
+    if opts.grad:
+        return unet_loss, model, specs + [("target", flame.spec((b, unet_cfg.out_channels, side, side), f32))], "unet"
+    return unet, model, specs, "unet"
+
+
+def trace_preset(opts):
+    fn, model, specs, name = build_preset(opts)
+    args = [s for _, s in specs]
+    if not opts.grad:
+        return flame.trace(fn, *args, name=name)
+    # the parameters' gradients only: the training step of the model, not of its inputs
+    vg = flame.value_and_grad(fn, argnums=None, params=model)
+    return flame.trace(named(vg, fn), *args, name=f"{name}_grad")
+
+
+_SUMMARY_LINE = re.compile(r"^(def |# \S)")
+
+
+def summarize(dump: str) -> str:
+    """--summary: the `def` line and the dump's top-level comment lines (nodes, ops, parameters,
+    saved for backward, schedule totals, memory); no equations, no per-kernel schedule lines."""
+    return "".join(l for l in dump.splitlines(True) if _SUMMARY_LINE.match(l))
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flame-compile",
@@ -201,6 +309,8 @@ def make_parser() -> argparse.ArgumentParser:
                "  flame-compile model.py:Block --init channels=16 --arg x:f32[2,16,8,8] --after-each-pass\n"
                "  flame-compile model.py:net --arg x:f32[8,3] --grad --loss mean --passes simplify,dce\n"
                "  flame-compile --schedule cuda --kernels   the default's fused CUDA kernels, as source\n"
+               "  flame-compile --model sd15-unet --grad --summary   SD 1.5 UNet training step: counts only\n"
+               "  flame-compile --model sd15-vae --config tiny --latent-size 16 --schedule cpu\n"
                "\nexit status: 0 ok, 1 the traced code failed (e.g. a shape error, reported with its\n"
                "file:line), 2 a bad command line.")
     p.add_argument("target", nargs="?",
@@ -225,6 +335,18 @@ def make_parser() -> argparse.ArgumentParser:
                         "what it fuses, what it could not fuse and why, launches, arena bytes (no GPU needed)")
     p.add_argument("--kernels", action="store_true",
                    help="also print every generated kernel's source (for --schedule's backend, default cuda)")
+    p.add_argument("--summary", action="store_true",
+                   help="print only the def line and the summary lines (nodes, ops, parameters, saved for "
+                        "backward; with --schedule: launches and arena bytes), not the equations or the "
+                        "per-kernel schedule lines")
+    m = p.add_argument_group("Stable Diffusion presets (--model instead of FILE.py:NAME)", PRESET_HELP)
+    m.add_argument("--model", choices=PRESETS,
+                   help="dump a Stable Diffusion 1.5 model, built shape-only (no weights) and traced")
+    m.add_argument("--config", choices=PRESET_CONFIGS,
+                   help="the real SD 1.5 sizes, or the tiny test configuration of the same structure (default sd15)")
+    m.add_argument("--batch", type=int, metavar="N", help="batch size B (default 1)")
+    m.add_argument("--latent-size", type=int, metavar="N",
+                   help="latent height = width L (default 64 for sd15 = 512 px images, 8 for tiny)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--passes", metavar="P1,P2,...",
                    help=f"the passes to run, in order (default {DEFAULT_PASS_ORDER}); known: {', '.join(PASSES)}")
@@ -248,6 +370,13 @@ def select_passes(text: str | None, no_opt: bool) -> list:
 
 def prepare(opts):
     """The traced (not yet optimised) graph, the passes to run, and whether this is the default."""
+    if opts.model is not None:
+        if opts.target is not None or opts.arg or opts.init or opts.loss:
+            raise UsageError("--model replaces FILE.py:NAME, --arg, --init and --loss: give one or the other")
+        passes = select_passes(opts.passes, opts.no_opt)
+        return trace_preset(opts), passes, False
+    if opts.latent_size is not None or opts.batch is not None or opts.config is not None:
+        raise UsageError("--config, --batch and --latent-size need --model")
     default = opts.target is None
     if default:
         if opts.arg or opts.init or opts.loss:
@@ -266,23 +395,24 @@ def prepare(opts):
 
 def run(opts, out) -> None:
     graph, passes, default = prepare(opts)
+    show = summarize if opts.summary else (lambda text: text)   # noqa: E731
     if opts.after_each_pass:
-        out.write("# traced\n" + flame.dump(graph))
-        after = lambda pname, g: out.write(f"\n# after {pname}\n" + flame.dump(g))  # noqa: E731
+        out.write("# traced\n" + show(flame.dump(graph)))
+        after = lambda pname, g: out.write(f"\n# after {pname}\n" + show(flame.dump(g)))  # noqa: E731
         P.optimize(graph, passes, after_each=after)
     else:
         graph = P.optimize(graph, passes)
         if opts.schedule or opts.kernels:
             from ..codegen.schedule import make_schedule
             sched = make_schedule(graph, opts.schedule or "cuda")
-            out.write(flame.dump(sched.graph, runner=sched))
+            out.write(show(flame.dump(sched.graph, runner=sched)))
             if opts.kernels:
                 out.write(f"\n# ---- helpers every {sched.target} kernel module starts with\n" + sched.prelude())
                 for i, k in enumerate(sched.kernels):
                     if k.root.id in sched.descs and sched.runs(k):
                         out.write(f"\n# ---- K{i} {k.name} ({sched.target})\n" + sched.source(k, with_prelude=False))
         else:
-            out.write(flame.dump(graph))
+            out.write(show(flame.dump(graph)))
     if default:
         out.write(DEFAULT_NOTE)
 

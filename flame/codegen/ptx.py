@@ -2,6 +2,8 @@
 reading what the compiler made of a kernel."""
 from __future__ import annotations
 
+import re
+
 from ..ir import dtypes as dt
 from .cache import cached_text, load
 from .cuda import module_source
@@ -36,17 +38,26 @@ def _version(dist: str) -> str:
         return "system"
 
 
-def kernel_cubin(name: str, src: str, dtypes, cc=(9, 0)) -> bytes:
-    """Machine code for the kernel, linked from its PTX by nvJitLink. A cubin runs on any
-    driver of the same CUDA major version, where PTX from a newer compiler would be refused
-    by an older driver's JIT; so cubins prepared on another machine can be carried over."""
+def kernel_cubin(name: str, src: str, dtypes, cc=(9, 0)) -> tuple:
+    """(entry name, machine code) of the kernel, linked from its PTX by nvJitLink. A cubin
+    runs on any driver of the same CUDA major version, where PTX from a newer compiler is
+    refused by an older driver's JIT; so cubins prepared on another machine (even without a
+    GPU) can be carried over. Any NVVM's code for the same source will do, so the key is the
+    source, architecture, signature and numba-cuda version."""
     from cuda.core import Linker, LinkerOptions, ObjectCode
-    ptx = kernel_ptx(name, src, dtypes, cc)
+    import numba_cuda
     arch = f"sm_{cc[0]}{cc[1]}"
+    canon = src.replace(f"def {name}(", "def kernel(")
 
     def make():
-        return Linker(ObjectCode.from_ptx(ptx.encode()), options=LinkerOptions(arch=arch)).link("cubin").code
-    return cached_text([ptx, arch, _version("nvidia-nvjitlink")], "kernel", "cubin", make, versioned=False)
+        ptx = kernel_ptx(name, src, dtypes, cc)
+        entry = re.search(r"\.entry\s+([\w$]+)\s*\(", ptx).group(1)
+        cubin = Linker(ObjectCode.from_ptx(ptx.encode()), options=LinkerOptions(arch=arch)).link("cubin").code
+        return entry.encode() + b"\0" + bytes(cubin)
+    blob = cached_text([canon, arch, repr([d.name for d in dtypes]), numba_cuda.__version__],
+                       "kernel", "cubin", make, versioned=False)
+    entry, _, cubin = blob.partition(b"\0")
+    return entry.decode(), cubin
 
 
 def compile_ptx(desc: Described, name: str, cc=(9, 0), block: int = 256) -> str:

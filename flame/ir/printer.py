@@ -75,9 +75,9 @@ def is_literal(n: Node) -> bool:
     return n.op == "const" and n.shape == ()
 
 
-def dump(graph: Graph, summary: bool = True, runner=None) -> str:
-    """runner: a compiled backend's runner (flame.compile(...).runner); its schedule and
-    memory plan are appended, over the graph it actually runs."""
+def node_names(graph: Graph) -> dict:
+    """node id -> the name the dump prints: inputs by name, named outputs, then %0, %1, ...
+    in order (scalar literals get none: they print inline). The graph viewer shows the same."""
     names = {}
     for n in graph.inputs:
         names[n.id] = n.attrs["name"]
@@ -91,6 +91,13 @@ def dump(graph: Graph, summary: bool = True, runner=None) -> str:
         if n.id not in names and not is_literal(n):
             names[n.id] = f"%{k}"
             k += 1
+    return names
+
+
+def dump(graph: Graph, summary: bool = True, runner=None) -> str:
+    """runner: a compiled backend's runner (flame.compile(...).runner); its schedule and
+    memory plan are appended, over the graph it actually runs."""
+    names = node_names(graph)
 
     def ref(n: Node) -> str:
         if is_literal(n):

@@ -16,6 +16,7 @@ class Plan:
     aliases: dict = None   # node id -> id of the buffer it shares
     in_place: set = None   # of those, kernels that compute and overwrite (the rest only reshape)
     overwrites: dict = None  # in-place kernel root -> the value it overwrites
+    lifetimes: dict = None   # node id -> (first step, last step) inclusive, as placed
 
     def describe(self) -> str:
         from ..ir.printer import fmt_bytes
@@ -44,7 +45,7 @@ def plan(lifetimes: dict, sizes: dict) -> Plan:
         placed.append((s, e, off, size))
     peak = max((o + sz for _, _, o, sz in placed), default=0)
     naive = sum(_align(max(sizes[i], 1)) for i in lifetimes)
-    return Plan(offsets, {i: sizes[i] for i in lifetimes}, peak, naive)
+    return Plan(offsets, {i: sizes[i] for i in lifetimes}, peak, naive, lifetimes=dict(lifetimes))
 
 
 def alias_of(k):

@@ -110,14 +110,12 @@ class CudaRunner:
     # ---- compilation
     def _compile(self, name, src, dtypes):
         from cuda.core import ObjectCode
-        from ..codegen.ptx import kernel_cubin, kernel_ptx
-        cubin = kernel_cubin(name, src, dtypes, self.cc)
+        from ..codegen.ptx import kernel_cubin
+        entry, cubin = kernel_cubin(name, src, dtypes, self.cc)
         self.sources[name] = src
         if self.dev is None:
             return None
         if cubin not in self._modules:   # kernels with the same code share one loaded module
-            ptx = kernel_ptx(name, src, dtypes, self.cc)
-            entry = re.search(r"\.entry\s+([\w$]+)\s*\(", ptx).group(1)
             self._modules[cubin] = ObjectCode.from_cubin(cubin).get_kernel(entry)
         return self._modules[cubin]
 
