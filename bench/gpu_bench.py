@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 
@@ -18,7 +17,6 @@ import torch
 import flame
 import flame.nn as nn
 import flame.nn.functional as F
-from flame.ir import ops
 from flame.runtime.cuda import _ck
 
 ROWS = []

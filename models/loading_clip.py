@@ -19,11 +19,11 @@ load_state_dict(strict=True): missing, unexpected and mis-shaped keys are report
 """
 from __future__ import annotations
 
-import json
 import os
 
 from flame.models.checkpoint import CheckpointError, load_safetensors
 from flame.models.configs_clip import SD15_TEXT, CLIPTextConfig
+from flame.models.loading import _read_config
 from flame.nn import StateDictError
 
 WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors")
@@ -63,14 +63,6 @@ def to_flame_keys(sd: dict) -> tuple[dict, str]:
     else:
         return sd, "unknown"
     return {k: v for k, v in sd.items() if not k.endswith("embeddings.position_ids")}, layout
-
-
-def _read_config(folder: str) -> dict | None:
-    p = os.path.join(folder, "config.json")
-    if not os.path.exists(p):
-        return None
-    with open(p) as f:
-        return json.load(f)
 
 
 def load_text_encoder(path, config: CLIPTextConfig | dict | None = None, clip_skip: int = 1):

@@ -3,62 +3,7 @@ from __future__ import annotations
 
 from ..ir import dtypes as dt
 from .kernel import Described, unravel
-
-PRELUDE = '''import math
-import numpy as np
-import numba
-
-_U = np.uint64
-_M = np.uint64(0xFFFFFFFF)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _mix32(x):
-    x = x ^ (x >> _U(16))
-    x = (x * _U(0x7FEB352D)) & _M
-    x = x ^ (x >> _U(15))
-    x = (x * _U(0x846CA68B)) & _M
-    return x ^ (x >> _U(16))
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _bits(seed, stream, i):
-    k = _mix32(_U(seed & 0xFFFFFFFF) ^ _mix32(_U((stream + 0x9E3779B9) & 0xFFFFFFFF)))
-    return _mix32((_mix32(_U(i) ^ k) + k) & _M)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _uniform(seed, stream, i):
-    return np.float32(_bits(seed, stream, i) >> _U(8)) * np.float32(5.9604644775390625e-08)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _normal(seed, stream, i):
-    h1 = _bits(seed, stream, _U(2) * _U(i))
-    h2 = _bits(seed, stream, _U(2) * _U(i) + _U(1))
-    u1 = (np.float32(h1 >> _U(8)) + np.float32(1.0)) * np.float32(5.9604644775390625e-08)
-    u2 = np.float32(h2 >> _U(8)) * np.float32(5.9604644775390625e-08)
-    return math.sqrt(np.float32(-2.0) * math.log(u1)) * math.cos(np.float32(6.2831854820251465) * u2)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _bf16_load(h):
-    return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _bf16_bits(v):
-    u = np.float32(v).view(np.uint32)
-    if (u & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (u & np.uint32(0x7FFFFF)) != np.uint32(0):
-        return np.uint16(0x7FC0)
-    return np.uint16(np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _bf16_round(v):
-    return _bf16_load(_bf16_bits(v))
-
-'''
+from .prelude import CPU_PRELUDE as PRELUDE   # the helpers, shared with the CUDA renderer
 
 PARALLEL_MIN = 1 << 15   # elements: below this, threads cost more than they save
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..ir.graph import Graph, Node
-from ..ir.primitives import PRIMS
 
 RULES = {"elementwise_chain": True, "reduce_prologue": True, "row_reduction": True,
          "movement_fold": True, "gemm_epilogue": True}

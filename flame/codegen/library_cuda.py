@@ -50,9 +50,9 @@ def col2im(name: str, g: dict, d: dt.DType) -> tuple:
     """dx[n, c, h, w] = sum of dcol over the kernel taps that read (h, w): a gather, so no
     atomics and a deterministic sum."""
     total = g["N"] * g["C"] * g["H"] * g["W"]
-    from .cuda import BF16_HELPERS
+    from .prelude import CUDA_PRELUDE
     load, store = ("_bf16_load", "_bf16_bits") if d is dt.bf16 else ("", "")
-    src = HEAD + "from numba.cuda import libdevice\n\n\n" + BF16_HELPERS + "\n\n" + f'''@cuda.jit
+    src = CUDA_PRELUDE + "\n" + f'''@cuda.jit
 def {name}(dcol, dx):
     t = cuda.grid(1)
     if t >= {total}:

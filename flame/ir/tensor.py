@@ -9,7 +9,7 @@ import numpy as np
 from . import dtypes as dt
 from .errors import ShapeError
 from .primitives import norm_axes
-from .tracer import bind, current, user_location
+from .tracer import bind, user_location
 
 
 def _scalar_dtype(value, like: dt.DType) -> dt.DType:

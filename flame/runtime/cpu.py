@@ -14,7 +14,6 @@ from ..codegen.schedule import make_schedule
 from ..ir import dtypes as dt
 from ..ir.graph import Graph
 from ..ir.primitives import PRIMS
-from . import arena
 
 
 def _library(node):

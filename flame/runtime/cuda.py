@@ -5,15 +5,12 @@ and the whole step captured once as a CUDA graph and replayed."""
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
 from ..codegen import cuda as cuda_render
 from ..codegen import library_cuda as lib
-from ..codegen.fusion import is_literal
 from ..codegen.schedule import make_schedule
-from ..ir import dtypes as dt
 from ..ir.graph import Graph
 from . import arena
 from .cublas import Handle

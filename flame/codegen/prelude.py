@@ -1,0 +1,90 @@
+"""The helpers every generated kernel module starts with, written once for both targets:
+the counter-based RNG (the same hash as flame/ir/rng.py) and bf16 <-> float32 bit
+conversions. Only the decorator and the float/int bit casts differ per target."""
+
+CPU_HEADER = '''import math
+import numpy as np
+import numba
+
+_U = np.uint64
+_M = np.uint64(0xFFFFFFFF)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _as_float(i):
+    return np.uint32(i).view(np.float32)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _as_int(f):
+    return np.float32(f).view(np.uint32)
+'''
+
+CUDA_HEADER = '''import math
+import numpy as np
+import numba
+from numba import cuda
+from numba.cuda import libdevice
+
+_U = np.uint64
+_M = np.uint64(0xFFFFFFFF)
+
+if numba.config.ENABLE_CUDASIM:   # the simulator has no libdevice bit casts: numpy's
+    _as_float = lambda i: np.uint32(i).view(np.float32)
+    _as_int = lambda f: np.float32(f).view(np.uint32)
+else:
+    _as_float, _as_int = libdevice.int_as_float, libdevice.float_as_int
+'''
+
+HELPERS = '''
+
+{deco}
+def _mix32(x):
+    x = x ^ (x >> _U(16))
+    x = (x * _U(0x7FEB352D)) & _M
+    x = x ^ (x >> _U(15))
+    x = (x * _U(0x846CA68B)) & _M
+    return x ^ (x >> _U(16))
+
+
+{deco}
+def _bits(seed, stream, i):
+    k = _mix32(_U(seed & 0xFFFFFFFF) ^ _mix32(_U((stream + 0x9E3779B9) & 0xFFFFFFFF)))
+    return _mix32((_mix32(_U(i) ^ k) + k) & _M)
+
+
+{deco}
+def _uniform(seed, stream, i):
+    return np.float32(_bits(seed, stream, i) >> _U(8)) * np.float32(5.9604644775390625e-08)
+
+
+{deco}
+def _normal(seed, stream, i):
+    h1 = _bits(seed, stream, _U(2) * _U(i))
+    h2 = _bits(seed, stream, _U(2) * _U(i) + _U(1))
+    u1 = (np.float32(h1 >> _U(8)) + np.float32(1.0)) * np.float32(5.9604644775390625e-08)
+    u2 = np.float32(h2 >> _U(8)) * np.float32(5.9604644775390625e-08)
+    return math.sqrt(np.float32(-2.0) * math.log(u1)) * math.cos(np.float32(6.2831854820251465) * u2)
+
+
+{deco}
+def _bf16_load(h):
+    return _as_float(np.int32(np.uint32(h) << np.uint32(16)))
+
+
+{deco}
+def _bf16_bits(v):
+    u = np.uint32(_as_int(v))
+    if (u & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (u & np.uint32(0x7FFFFF)) != np.uint32(0):
+        return np.uint16(0x7FC0)
+    return np.uint16(np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+{deco}
+def _bf16_round(v):
+    return _bf16_load(_bf16_bits(v))
+
+'''
+
+CPU_PRELUDE = CPU_HEADER + HELPERS.format(deco='@numba.njit(cache=True, error_model="numpy")')
+CUDA_PRELUDE = CUDA_HEADER + HELPERS.format(deco="@cuda.jit(device=True, inline=True)")
