@@ -281,11 +281,12 @@ def assert_close(got, want, what, rtol, atol):
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * max(scale, 1.0), err_msg=what)
 
 
-def run_case(name, dtype=np.float32, rtol=1e-5, atol=1e-6):
+def run_case(name, dtype=np.float32, rtol=1e-5, atol=1e-6, backend="cpu"):
+    """The case on `backend` (tests/test_gpu.py runs the same table on "cuda")."""
     fn, _, argnums = CASES[name]
     args = inputs(name, dtype)
     target, call_args = (fn, args) if argnums is None else with_grads(fn, args, argnums)
-    cpu = flame.compile(target, *call_args, backend="cpu")
+    cpu = flame.compile(target, *call_args, backend=backend)
     ref = flame.compile(target, *call_args, backend="interp")
     got, want = cpu(*call_args, seed=11), ref(*call_args, seed=11)
     if argnums is None:

@@ -111,6 +111,10 @@ def test_library_kernels_compile_to_ptx(tmp_path, monkeypatch):
         fn = load(name, src, "cuda", "sm_90")
         ptx = cuda.compile_ptx(fn.py_func, (nt.CPointer(nt.float32),) * 2, cc=(9, 0))[0]
         assert ".entry" in ptx and "mul.f64" not in ptx
+    src, grid, block = lib.scatter_add("L_scatter_add_t", 6, 5, 3, dt.f32)
+    fn = load("L_scatter_add_t", src, "cuda", "sm_90")
+    sig = (nt.CPointer(nt.float32), nt.CPointer(nt.int64), nt.CPointer(nt.float32))
+    assert ".entry" in cuda.compile_ptx(fn.py_func, sig, cc=(9, 0))[0]
 
 
 def test_bf16_storage_on_cpu_backend_equals_interpreter():
@@ -149,3 +153,29 @@ def test_cubin_links_without_a_gpu_and_is_shared_by_same_code(tmp_path, monkeypa
     renamed = src.replace(f"def {k.name}(", "def other_name(")
     assert kernel_cubin("other_name", renamed, [dt.f32, dt.f32], (9, 0)) == (entry, cubin)
     assert len(list((tmp_path / "kernels" / "cubin").iterdir())) == 1
+
+
+def test_bf16_compute_with_float32_master_weights():
+    """Weights kept in float32 (the master copy the optimizer updates), cast to bf16 for the
+    matmul: the gradient reaches the float32 master through the cast, on the CPU backend
+    exactly as in the interpreter."""
+    import flame.nn as nn
+    w0 = rng.standard_normal((16, 8)).astype(np.float32)
+    x, y = rng.standard_normal((32, 16)).astype(np.float32), rng.standard_normal((32, 8)).astype(np.float32)
+    losses = {}
+    for backend in ("interp", "cpu"):
+        w = nn.Parameter(w0.copy())
+
+        def step(x, y, w=w):
+            def loss(x, y):
+                pred = (x.cast("bf16") @ w.cast("bf16")).cast("f32")
+                return ((pred - y) ** 2).mean()
+            value, (g,) = flame.value_and_grad(loss, params=[w])(x, y)
+            return value, {"param0": w - 0.05 * g}
+        c = flame.compile(step, x, y, backend=backend, param_updates=True)
+        losses[backend] = [float(c(x, y)) for _ in range(3)]
+        assert w.data.dtype == np.float32
+        losses[backend + "_w"] = w.data.copy()
+    assert losses["cpu"][-1] < losses["cpu"][0]
+    np.testing.assert_allclose(losses["cpu"], losses["interp"], rtol=1e-5)
+    np.testing.assert_allclose(losses["cpu_w"], losses["interp_w"], rtol=1e-5, atol=1e-6)

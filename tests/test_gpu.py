@@ -167,3 +167,17 @@ def test_tiny_sd_unet_forward_and_backward_match_interpreter():
     close(v_got, v_ref, 1e-4)
     for k in g_ref:
         close(g_got[k], g_ref[k], 1e-3)
+
+
+def _cpu_table():
+    import test_cpu_backend   # the CPU backend's op table: every primitive and functional op
+    return test_cpu_backend
+
+
+@pytest.mark.parametrize("name", list(_cpu_table().CASES))
+def test_op_table_matches_interpreter_on_cuda(name):
+    """The same op table the CPU backend is tested with, forward and backward, on the GPU
+    (float32, reduction order and cuBLAS differ from numpy: a looser tolerance)."""
+    if name == "big_parallel":
+        pytest.skip("a CPU-threading case")
+    _cpu_table().run_case(name, rtol=2e-4, atol=2e-5, backend="cuda")

@@ -339,6 +339,13 @@ def make_parser() -> argparse.ArgumentParser:
                    help="print only the def line and the summary lines (nodes, ops, parameters, saved for "
                         "backward; with --schedule: launches and arena bytes), not the equations or the "
                         "per-kernel schedule lines")
+    v = p.add_argument_group("graph viewer (written besides the dump; the kernels and memory plan are "
+                             "--schedule's backend, default cuda)")
+    v.add_argument("--html", metavar="PATH",
+                   help="write the graph as one self-contained HTML page (works offline): module scopes "
+                        "that open and close, search, each node's details with its kernel's source, and the "
+                        "arena usage over the schedule")
+    v.add_argument("--dot", metavar="PATH", help="write the graph as Graphviz DOT (a cluster per module scope)")
     m = p.add_argument_group("Stable Diffusion presets (--model instead of FILE.py:NAME)", PRESET_HELP)
     m.add_argument("--model", choices=PRESETS,
                    help="dump a Stable Diffusion 1.5 model, built shape-only (no weights) and traced")
@@ -393,13 +400,29 @@ def prepare(opts):
     return graph, passes, default
 
 
+def write_views(graph, sched, opts) -> None:
+    """--html / --dot: the viewer's files, each announced on stderr (stdout stays the dump)."""
+    from ..codegen.schedule import make_schedule
+    from ..viewer import export, write_dot, write_html
+    model = export(graph, sched if sched is not None else make_schedule(graph, opts.schedule or "cuda"))
+    for flag, path, write in (("--html", opts.html, write_html), ("--dot", opts.dot, write_dot)):
+        if path:
+            try:
+                write(model, path)
+            except OSError as e:
+                raise UsageError(f"{flag} {path}: {e.strerror}") from None
+            print(f"flame-compile: wrote {path} ({model['summary']['nodes']} nodes, "
+                  f"{model['summary']['kernels']} kernels)", file=sys.stderr)
+
+
 def run(opts, out) -> None:
     graph, passes, default = prepare(opts)
+    sched = None
     show = summarize if opts.summary else (lambda text: text)   # noqa: E731
     if opts.after_each_pass:
         out.write("# traced\n" + show(flame.dump(graph)))
         after = lambda pname, g: out.write(f"\n# after {pname}\n" + show(flame.dump(g)))  # noqa: E731
-        P.optimize(graph, passes, after_each=after)
+        graph = P.optimize(graph, passes, after_each=after)
     else:
         graph = P.optimize(graph, passes)
         if opts.schedule or opts.kernels:
@@ -413,6 +436,8 @@ def run(opts, out) -> None:
                         out.write(f"\n# ---- K{i} {k.name} ({sched.target})\n" + sched.source(k, with_prelude=False))
         else:
             out.write(show(flame.dump(graph)))
+    if opts.html or opts.dot:
+        write_views(graph, sched, opts)
     if default:
         out.write(DEFAULT_NOTE)
 

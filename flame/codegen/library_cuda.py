@@ -93,3 +93,29 @@ def {name}(table, idx, out):
     out[t] = table[r * {width} + j]
 '''
     return src, (total + BLOCK - 1) // BLOCK, BLOCK
+
+
+def scatter_add(name: str, n_idx: int, rows: int, width: int, d: dt.DType) -> tuple:
+    """out[r, :] = sum of src[k, :] over the k with idx[k] == r: written as a gather (each
+    output element loops over the indices), so the sum is deterministic and needs no atomics.
+    Its cost grows with rows x indices, fine for embedding gradients of a few hundred tokens."""
+    from .prelude import CUDA_PRELUDE
+    total = rows * width
+    load, store = ("_bf16_load", "_bf16_bits") if d is dt.bf16 else ("", "")
+    src = CUDA_PRELUDE + "\n" + f'''@cuda.jit
+def {name}(src, idx, out):
+    t = cuda.grid(1)
+    if t >= {total}:
+        return
+    r = t // {width}
+    j = t % {width}
+    acc = {literal(0.0, d)}
+    for k in range({n_idx}):
+        q = idx[k]
+        if q < 0:
+            q = q + {rows}
+        if q == r:
+            acc = acc + {load}(src[k * {width} + j])
+    out[t] = {store}(acc)
+'''
+    return src, (total + BLOCK - 1) // BLOCK, BLOCK

@@ -157,8 +157,14 @@ class CudaRunner:
             src, grid, blk = lib.gather(name, idx.size, t.shape[0], width)
             kern = self._compile(name, src, [t.dtype, idx.dtype, n.dtype])
             return self._launcher(kern, grid, blk, [self.ptr(t.id), self.ptr(idx.id), self.ptr(n.id)]), 1
-        raise NotImplementedError(f"{n.op} has no CUDA implementation yet (scatter_add: embedding "
-                                  f"gradients on the GPU are not built); node %{n.id} at {n.loc}")
+        if n.op == "scatter_add":
+            src_, idx = n.inputs
+            width = math.prod(n.shape[1:])
+            name = f"L_scatter_add_{idx.size}x{n.shape[0]}x{width}"
+            code, grid, blk = lib.scatter_add(name, idx.size, n.shape[0], width, n.dtype)
+            kern = self._compile(name, code, [src_.dtype, idx.dtype, n.dtype])
+            return self._launcher(kern, grid, blk, [self.ptr(src_.id), self.ptr(idx.id), self.ptr(n.id)]), 1
+        raise NotImplementedError(f"{n.op} has no CUDA implementation; node %{n.id} at {n.loc}")
 
     def _matmul(self, n):
         x, y = n.inputs

@@ -76,7 +76,7 @@ def _json_for_script(obj) -> str:
     return json.dumps(obj, separators=(",", ":")).replace("</", "<\\/")
 
 
-def to_html(model: dict, expand_below: int = 300) -> str:
+def to_html(model: dict, expand_below: int = 150) -> str:
     """expand_below: a graph with at most this many nodes opens fully expanded; a larger one
     opens collapsed to its top-level module scopes."""
     scripts = []
@@ -90,6 +90,6 @@ def to_html(model: dict, expand_below: int = 300) -> str:
                        scripts="\n".join(scripts))
 
 
-def write_html(model: dict, path: str, expand_below: int = 300) -> None:
+def write_html(model: dict, path: str, expand_below: int = 150) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(to_html(model, expand_below))

@@ -159,7 +159,11 @@
     const target = focus ? cy.getElementById(focus) : null;
     if (target && target.length) {
       cy.fit(target, 40);
-      if (cy.zoom() < 0.25 && target.isParent()) cy.zoom({level: 0.25, position: target.position()});
+      if (cy.zoom() < 0.5) {   // too big to read whole: readable size, its top in view
+        const bb = target.boundingBox();
+        cy.zoom(0.5);
+        cy.pan({x: cy.width() / 2 - 0.5 * (bb.x1 + bb.x2) / 2, y: 30 - 0.5 * bb.y1});
+      }
     } else cy.fit(undefined, 30);
     cy.nodes().style("text-opacity", 1);
     applySelection();
@@ -346,13 +350,13 @@
     }
     svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
     svg.innerHTML = band +
-      `<path d="${path(mem.top)}L${x(steps - 1)} ${H - pad}L${x(0)} ${H - pad}Z" fill="#c9d6f2" stroke="#4a68b0" stroke-width="1"/>` +
-      `<path d="${path(mem.live)}" fill="none" stroke="#2f8a3a" stroke-width="1.2"/>` +
+      `<path d="${path(mem.live)}L${x(steps - 1)} ${H - pad}L${x(0)} ${H - pad}Z" fill="#bfe3c3" stroke="#2f8a3a" stroke-width="1"/>` +
+      `<path d="${path(mem.top)}" fill="none" stroke="#4a68b0" stroke-width="1.2"/>` +
       `<line x1="0" x2="${W}" y1="${y(peak)}" y2="${y(peak)}" stroke="#b00" stroke-dasharray="4 3"/>` +
       `<text x="${W - pad}" y="${y(peak) - 2}" text-anchor="end" font-size="10" fill="#b00">peak ${mem.peak_text}</text>` +
       `<line id="mem-cursor" x1="-10" x2="-10" y1="0" y2="${H}" stroke="#333"/>`;
     $("mem-readout").textContent = "memory: arena " + mem.peak_text + " (naive " + mem.naive_text + ") over " +
-      (steps - 2) + " kernel steps · blue: top of the arena in use · green: bytes of live buffers";
+      (steps - 2) + " kernel steps · green: bytes of live buffers · blue line: top of the arena in use · click a step for its kernel";
   }
   function stepAt(evt) {
     const svg = $("mem"), r = svg.getBoundingClientRect(), steps = M.memory.top.length;
@@ -416,7 +420,9 @@
     pagePosition(id) {
       const e = cy.getElementById(id);
       if (!e.length) throw new Error("not drawn: " + id);
-      const p = e.renderedPosition(), r = $("cy").getBoundingClientRect();
+      let p = e.renderedPosition();
+      if (p.x < 20 || p.y < 20 || p.x > cy.width() - 20 || p.y > cy.height() - 20) { cy.center(e); p = e.renderedPosition(); }
+      const r = $("cy").getBoundingClientRect();
       return {x: r.left + p.x, y: r.top + p.y};
     },
     details: () => $("details").innerText,
