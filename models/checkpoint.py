@@ -97,7 +97,7 @@ def save_safetensors(tensors: dict, path: str, metadata: dict | None = None):
     names = {np.dtype(v): k for k, v in DTYPES.items()}
     header, offset, blobs = {}, 0, []
     for k, v in tensors.items():
-        a = np.ascontiguousarray(v)
+        a = np.ascontiguousarray(v).reshape(np.shape(v))   # ascontiguousarray makes 0-d arrays 1-d
         if a.dtype not in names:
             raise CheckpointError(f"{path}: cannot save {k!r} of dtype {a.dtype}")
         header[k] = {"dtype": names[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
