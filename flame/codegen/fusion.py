@@ -49,7 +49,8 @@ class Kernel:
     raxes: tuple = ()              # reduced axes of the iteration space (R kernels)
     fused: list = field(default_factory=list)     # (node, rule) absorbed
     refused: list = field(default_factory=list)   # (node, reason) not absorbed
-    name: str = ""
+    name: str = ""                 # unique in the schedule: base_name plus _1, _2, ... for repeats
+    base_name: str = ""            # what it fuses (R_sum_mul_sub)
     store: Node = None             # the node whose values are written (root minus reshapes)
     chain: set = field(default_factory=set)   # ids of those reshapes, root included
 
@@ -207,7 +208,7 @@ def fuse(graph: Graph) -> list:
     kernels.reverse()
     seen = {}
     for k in kernels:   # unique names: the second R_sum is R_sum_1
-        base = _name(k)
+        base = k.base_name = _name(k)
         k.name = base if base not in seen else f"{base}_{seen[base]}"
         seen[base] = seen.get(base, 0) + 1
     return kernels
