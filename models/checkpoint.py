@@ -47,9 +47,13 @@ def read_header(path: str) -> tuple[dict, int]:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            refuse_pickle(path)
         (n,) = struct.unpack("<Q", head)
+        first = f.read(1)
+        # a safetensors header is JSON right after its length; only without one do the pickle
+        # and zip magic bytes mean anything (a header of 0x..80 bytes starts with \x80 too)
+        if (n > size - 8 or first != b"{") and (head[:2] == b"PK" or head[:1] == b"\x80"):
+            refuse_pickle(path)
+        f.seek(8)
         if n > size - 8 or n > 100 << 20:
             raise CheckpointError(f"{path}: not a safetensors file or truncated (header claims {n} bytes, file has {size})")
         try:

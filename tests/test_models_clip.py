@@ -181,6 +181,9 @@ def test_full_size_layout():
                        ("ldm", {LDM + k: v for k, v in bare.items()})]:
         mapped, found = to_flame_keys(sd)
         assert found == layout and mapped == want
+    # the original layout is the one diffusers' single-file converter reads
+    sf = pytest.importorskip("diffusers.loaders.single_file_utils")
+    assert sf.convert_ldm_clip_checkpoint({LDM + k: v for k, v in want.items()}) == want
 
 
 def test_sd15_config_from_its_config_json():

@@ -1,10 +1,17 @@
 """The SD 1.x UNet and VAE in flame.nn against diffusers: small random models saved as real
 files (a diffusers pipeline folder and an original-layout single file), loaded by
 load_unet/load_vae, run by the reference interpreter, compared on fresh random inputs; the
-full-size SD 1.5 key/shape layout, in both key layouts; damaged and mismatched files."""
+full-size SD 1.5 key/shape layout, in both key layouts (the original one read back by diffusers'
+own single-file converters); memory-mapped reading (no copy, one float32 copy after loading, the
+mapping released); damaged and mismatched files."""
+import gc
 import json
+import os
 import shutil
+import tracemalloc
+import weakref
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -13,7 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 st = pytest.importorskip("safetensors.torch")
 
 import flame  # noqa: E402
-from flame.models import keymaps, load_unet, load_vae  # noqa: E402
+from flame.models import checkpoint, keymaps, load_unet, load_vae  # noqa: E402
 from flame.models.checkpoint import CheckpointError  # noqa: E402
 from flame.models.configs import (SD15_UNET, SD15_VAE, TINY_UNET, TINY_VAE, ConfigError,  # noqa: E402
                                   UNetConfig, VAEConfig)
@@ -272,19 +279,149 @@ SD15_LDM_KEYS = {   # real names and shapes from the original v1-5 checkpoint
 }
 
 
+def _tagged(sd, first):
+    """Each tensor of `sd` as a zero-strided torch view of one number of its own (first,
+    first + 1, ...): full-size shapes for 4 bytes each, and a tag that says, after any renaming,
+    which tensor a key ended up holding (shapes alone cannot tell two same-shaped tensors apart)."""
+    return {k: torch.tensor(float(first + i)).expand(tuple(v.shape)) for i, (k, v) in enumerate(sd.items())}
+
+
+def _tag(t):
+    return t[(0,) * t.ndim].item()
+
+
 def test_full_size_original_layout(full_size):
-    tu, tv, _, _ = full_size
-    unet = keymaps.diffusers_to_ldm(tu.state_dict(), keymaps.unet_table(SD15_UNET))
-    vae = keymaps.diffusers_to_ldm(tv.state_dict(), keymaps.vae_table(SD15_VAE))
-    ldm = {**{keymaps.UNET_PREFIX + k: tuple(v.shape) for k, v in unet.items()},
-           **{keymaps.VAE_PREFIX + k: tuple(v.shape) for k, v in vae.items()}}
+    """flame's SD 1.5 UNet and VAE, written in the original single-file layout by flame's key
+    table, read back by diffusers' own single-file converters: the result is exactly diffusers'
+    SD 1.5 key and shape lists, and every key holds the very tensor flame wrote under that name."""
+    sf = pytest.importorskip("diffusers.loaders.single_file_utils")
+    tu, tv, fu, fv = full_size
+    ut, vt = keymaps.unet_table(SD15_UNET), keymaps.vae_table(SD15_VAE)
+    tag_u, tag_v = _tagged(fu.state_dict(), 0), _tagged(fv.state_dict(), 10_000)
+    unet, vae = keymaps.diffusers_to_ldm(tag_u, ut), keymaps.diffusers_to_ldm(tag_v, vt)
+    ldm = {**{keymaps.UNET_PREFIX + k: v for k, v in unet.items()},
+           **{keymaps.VAE_PREFIX + k: v for k, v in vae.items()}}
     assert len(ldm) == 686 + 248                         # one-to-one: no two keys collapse
-    assert {k: ldm.get(k) for k in SD15_LDM_KEYS} == SD15_LDM_KEYS
+    assert {k: tuple(ldm[k].shape) if k in ldm else None for k in SD15_LDM_KEYS} == SD15_LDM_KEYS
     assert not any(k.endswith("downsample.conv.weight") and ".decoder." in k for k in ldm)
     assert "first_stage_model.decoder.up.0.upsample.conv.weight" not in ldm
-    # and back: the inverse recovers diffusers' keys and Linear shapes
-    back, unknown = keymaps.ldm_to_diffusers(vae, keymaps.vae_table(SD15_VAE))
-    assert not unknown and _shapes(back) == _shapes(tv.state_dict())
+
+    # diffusers' converters, given the whole checkpoint as a real single file holds it
+    conv_u = sf.convert_ldm_unet_checkpoint(ldm, SD15_UNET.to_diffusers())
+    conv_v = sf.convert_ldm_vae_checkpoint(ldm, SD15_VAE.to_diffusers())
+    for conv, ref, tags in [(conv_u, tu, tag_u), (conv_v, tv, tag_v)]:
+        assert sorted(_shapes(conv)) == sorted(_shapes(ref.state_dict()))   # exactly, nothing missing or extra
+        assert {k: _tag(v) for k, v in conv.items()} == {k: _tag(v) for k, v in tags.items()}
+        assert all(not any(v.stride()) for v in conv.values())                # still nothing allocated
+
+    # and flame's own reader: the inverse recovers diffusers' keys, Linear shapes and tensors
+    for sd, table, ref, tags in [(unet, ut, tu, tag_u), (vae, vt, tv, tag_v)]:
+        back, unknown = keymaps.ldm_to_diffusers(sd, table)
+        assert not unknown and _shapes(back) == _shapes(ref.state_dict())
+        assert {k: _tag(v) for k, v in back.items()} == {k: _tag(v) for k, v in tags.items()}
+
+
+# ---------------------------------------------------------------- memory mapping
+
+def _mappings(arr):
+    """The np.memmap objects in arr's .base chain, outermost first (the chain ends at the
+    mmap.mmap object that np.memmap holds)."""
+    out = []
+    while isinstance(arr, np.ndarray):
+        if isinstance(arr, np.memmap):
+            out.append(arr)
+        arr = arr.base
+    return out
+
+
+def _file_is_mapped(path) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(line.rstrip().endswith(str(path)) for line in f)
+
+
+# a UNet of the tiny one's structure, wide enough (5.8M parameters) that a copy of its weights
+# stands far above the loader's own allocations
+MID_UNET = UNetConfig(**{**TINY_UNET.__dict__, "block_out_channels": (64, 128, 128), "cross_attention_dim": 64})
+LOW = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def mid_files(tmp_path_factory):
+    """MID_UNET's random weights saved as fp32, fp16 and bf16 files, and the exact values."""
+    root = tmp_path_factory.mktemp("mid")
+    with shape_only():
+        shapes = {k: v.shape for k, v in UNet2DConditionModel(MID_UNET).state_dict().items()}
+    r = np.random.default_rng(4)
+    out = {}
+    for name, dt in LOW.items():
+        sd = {k: r.standard_normal(s).astype(np.float32).astype(dt) for k, s in shapes.items()}
+        path = root / f"unet-{name}.safetensors"
+        checkpoint.save_safetensors(sd, str(path))
+        out[name] = (path, sd)
+    return out
+
+
+@pytest.mark.parametrize("dtype", list(LOW))
+def test_load_safetensors_maps_the_file_and_copies_nothing(mid_files, dtype):
+    """Every tensor comes back as a read-only view, in the file's own dtype (no up-front cast
+    for fp16/bf16 either), into one np.memmap of the file; reading allocates almost nothing."""
+    path, saved = mid_files[dtype]
+    tracemalloc.start()
+    try:
+        sd = checkpoint.load_safetensors(str(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = os.path.getsize(path)
+    assert size > 11 << 20
+    assert peak < size / 5, (peak, size)              # the header and the dict, no tensor data
+    roots = {id(_mappings(v)[-1]) for v in sd.values()}
+    assert len(roots) == 1                            # one mapping for the whole file
+    mm = _mappings(next(iter(sd.values())))[-1]
+    assert os.path.samefile(mm.filename, path) and mm.nbytes == size
+    assert set(sd) == set(saved)
+    for k, v in sd.items():
+        assert v.dtype == np.dtype(LOW[dtype]) and v.shape == saved[k].shape, k
+        assert not v.flags.writeable and np.shares_memory(v, mm), k
+        np.testing.assert_array_equal(v, saved[k], err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", list(LOW))
+def test_load_unet_keeps_one_float32_copy_and_releases_the_mapping(mid_files, dtype, monkeypatch):
+    """The loaded UNet's weights are plain float32 arrays owning their memory (not views of
+    the file); the loader's peak allocation is that one copy, not two (e.g. not the file read
+    into memory, nor every tensor cast up front and then copied again); and once load_unet
+    returns, the file's mapping is gone."""
+    from flame.models import loading
+    path, saved = mid_files[dtype]
+    maps = []
+
+    def spy(p):
+        sd = checkpoint.load_safetensors(p)
+        maps.extend(weakref.ref(m) for m in {id(ms[-1]): ms[-1] for ms in map(_mappings, sd.values())}.values())
+        return sd
+    monkeypatch.setattr(loading, "load_safetensors", spy)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        unet = load_unet(path, config=MID_UNET)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    params = dict(unet.named_parameters())
+    weights = sum(p.data.nbytes for p in params.values())
+    assert weights == 4 * sum(v.size for v in saved.values())
+    assert peak < 1.25 * weights, (peak, weights)
+    assert set(params) == set(saved)
+    for k, p in params.items():
+        a = p.data
+        assert type(a) is np.ndarray and a.dtype == np.float32 and a.flags.owndata, k
+        assert a.flags.c_contiguous and a.flags.writeable, k
+        np.testing.assert_array_equal(a, saved[k].astype(np.float32), err_msg=k)
+    gc.collect()
+    assert len(maps) == 1 and maps[0]() is None       # nothing holds the mapping any more
+    if os.path.exists("/proc/self/maps"):
+        assert not _file_is_mapped(path)
 
 
 # ---------------------------------------------------------------- configs, dtypes, bad files
@@ -335,6 +472,24 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="pickle") as e:
         load_unet(p)
     assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("magic", [b"\x80", b"PK"])
+def test_safetensors_whose_header_length_looks_like_pickle_magic_loads(tmp_path, magic):
+    """The 8-byte header length can begin with pickle's \\x80 or zip's PK (0x..80 or 0x4B50
+    bytes): such a file is still safetensors, read as one (seen with a latent-cache file)."""
+    x = np.random.default_rng().standard_normal((3, 5)).astype(np.float32)
+    p = tmp_path / "t.safetensors"
+    checkpoint.save_safetensors({"x": x}, str(p), {"pad": ""})
+    n = int.from_bytes(p.read_bytes()[:8], "little")
+    want = 0x180 if magic == b"\x80" else 0x4B50
+    for pad in range(want - n - 8, want - n + 8):   # the writer may align the header
+        checkpoint.save_safetensors({"x": x}, str(p), {"pad": "#" * pad})
+        if p.read_bytes()[:len(magic)] == magic:
+            break
+    else:
+        pytest.fail("no padding gave the wanted header length")
+    np.testing.assert_array_equal(checkpoint.load_safetensors(str(p))["x"], x)
 
 
 def test_truncated_file_is_named(files, tmp_path):
