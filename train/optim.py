@@ -87,24 +87,46 @@ def _named(params) -> dict:
 
 
 class AdamW:
-    """params: a dict {name: Parameter} (names used for the state's names) or a list."""
+    """params: a dict {name: Parameter} (names used for the state's names) or a list.
+    groups: {name: group index} for parameters with their own learning rate (the text
+    encoder's LoRA); absent names are in group 0. With G > 1 groups `hyper` is f32[G, 4],
+    one row per group; clipping stays global over all groups, as in torch."""
 
-    def __init__(self, params, cfg=None):
+    def __init__(self, params, cfg=None, groups: dict | None = None):
         self.cfg = as_adamw_config(cfg)
         self.params = _named(params)
+        groups = dict(groups or {})
+        unknown = [k for k in groups if k not in self.params]
+        if unknown:
+            raise KeyError(f"train/optim.py: group given for {unknown[0]!r}, which is not a trainable")
+        self.group = {k: int(groups.get(k, 0)) for k in self.params}
+        self.num_groups = max(self.group.values(), default=0) + 1
+        if sorted(set(self.group.values())) != list(range(self.num_groups)):
+            raise ValueError(f"train/optim.py: groups must be numbered 0..G-1, got {sorted(set(self.group.values()))}")
         zeros = lambda p: Parameter(np.zeros(p.shape, np.float32), requires_grad=False)
         self.m = {k: zeros(p) for k, p in self.params.items()}
         self.v = {k: zeros(p) for k, p in self.params.items()}
         self.gsum = {k: zeros(p) for k, p in self.params.items()} if self.cfg.grad_accum > 1 else {}
 
     # ---- host side
-    def hyper(self, lr: float, step: int, grad_scale: float = 1.0) -> np.ndarray:
-        """f32[4] for optimizer step `step` (1-based, as torch counts it) at learning rate lr."""
+    @property
+    def hyper_shape(self) -> tuple:
+        return (4,) if self.num_groups == 1 else (self.num_groups, 4)
+
+    def hyper(self, lr, step: int, grad_scale: float = 1.0) -> np.ndarray:
+        """f32[4] (or f32[G, 4]) for optimizer step `step` (1-based, as torch counts it) at
+        learning rate lr (one number, or one per group)."""
         if step < 1:
             raise ValueError(f"train/optim.py: optimizer step {step} must be >= 1 (the first update is step 1)")
+        lrs = [float(x) for x in np.atleast_1d(lr)]
+        if len(lrs) == 1:
+            lrs = lrs * self.num_groups
+        if len(lrs) != self.num_groups:
+            raise ValueError(f"train/optim.py: {len(lrs)} learning rates for {self.num_groups} groups")
         b1, b2 = self.cfg.betas
-        return np.array([1.0 - lr * self.cfg.weight_decay, lr / (1.0 - b1 ** step),
-                         math.sqrt(1.0 - b2 ** step), grad_scale], np.float32)
+        rows = [[1.0 - x * self.cfg.weight_decay, x / (1.0 - b1 ** step), math.sqrt(1.0 - b2 ** step),
+                 grad_scale] for x in lrs]
+        return np.array(rows[0] if self.num_groups == 1 else rows, np.float32)
 
     def state_dict(self) -> dict:
         """Moments (and pending gradient sums) as host arrays, for a resumable checkpoint."""
@@ -173,7 +195,8 @@ class AdamW:
 
     def _adamw(self, grads, hyper) -> dict:
         b1, b2 = self.cfg.betas
-        decay, step_size, bc2_sqrt, grad_scale = (hyper[i] for i in range(4))
+        rows = [hyper] if self.num_groups == 1 else [hyper[g] for g in range(self.num_groups)]
+        bc2_sqrt, grad_scale = rows[0][2], rows[0][3]
         grads = [g * grad_scale for g in grads]
         sq = [(g * g).sum() for g in grads]
         total = sq[0]
@@ -186,6 +209,7 @@ class AdamW:
             grads = [g * coef for g in grads]
         out = {}
         for (k, p), g in zip(self.params.items(), grads):
+            decay, step_size = rows[self.group[k]][0], rows[self.group[k]][1]
             m, v = self.m[k], self.v[k]
             pt = p.tensor()
             m1 = m.tensor() + (g - m.tensor()) * (1.0 - b1)       # torch: exp_avg.lerp_(g, 1 - b1)

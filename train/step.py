@@ -25,10 +25,11 @@ class TrainStep:
     With grad_accum = k the update runs on every k-th call (those calls' lr and step are
     used); `pending` says how many micro-batches wait in the sums."""
 
-    def __init__(self, model, trainable, objective_cfg=None, optim_cfg=None, backend="cpu", options=None):
+    def __init__(self, model, trainable, objective_cfg=None, optim_cfg=None, backend="cpu", options=None,
+                 groups=None):
         self.model = model
         self.objective = as_objective_config(objective_cfg)
-        self.opt = AdamW(trainable, optim_cfg)
+        self.opt = AdamW(trainable, optim_cfg, groups)
         self.backend = backend
         self.options = options
         self.compiled: dict = {}      # (kind, shapes) -> flame Compiled
@@ -80,7 +81,7 @@ class TrainStep:
                 c = flame.compile(self._accumulate, *specs, backend=self.backend,
                                   options=self.options, param_updates=True)
             else:
-                c = flame.compile(self._fused, *specs, flame.spec((4,), "f32"), backend=self.backend,
+                c = flame.compile(self._fused, *specs, flame.spec(self.opt.hyper_shape, "f32"), backend=self.backend,
                                   options=self.options, param_updates=True)
             self.compiled[key] = c
         return c
@@ -88,7 +89,7 @@ class TrainStep:
     def _apply_graph(self):
         c = self.compiled.get(("apply",))
         if c is None:
-            c = flame.compile(self._apply, flame.spec((4,), "f32"), backend=self.backend,
+            c = flame.compile(self._apply, flame.spec(self.opt.hyper_shape, "f32"), backend=self.backend,
                               options=self.options, param_updates=True)
             self.compiled[("apply",)] = c
         return c
@@ -134,12 +135,12 @@ class TrainStep:
 
 
 def build_train_step(unet, lora_params, objective_cfg=None, optim_cfg=None, batch_shapes=(),
-                     backend="cpu", options=None) -> TrainStep:
+                     backend="cpu", options=None, groups=None) -> TrainStep:
     """unet(x, timesteps, context) -> prediction; lora_params: the trainable Parameters (a
     dict {name: Parameter} or a list; every other Parameter the unet uses stays frozen).
     batch_shapes: (latents shape, text embedding shape) pairs to compile now; others compile
     on first use."""
-    step = TrainStep(unet, lora_params, objective_cfg, optim_cfg, backend, options)
+    step = TrainStep(unet, lora_params, objective_cfg, optim_cfg, backend, options, groups)
     for lat, txt in batch_shapes:
         step.compile_for(lat, txt)
     if step.opt.cfg.grad_accum > 1 and batch_shapes:

@@ -1,13 +1,118 @@
-"""flame-train: the LoRA trainer's command line. Training itself is not built yet."""
+"""flame-train: the LoRA trainer's command line.
+
+    flame-train CONFIG.toml [--set section.key=value ...] [--output DIR] [--quiet]
+    flame-train --quickstart [--output DIR] [--set ...]
+
+--quickstart needs nothing downloaded: it writes a small synthetic captioned image set, a small
+RANDOMLY initialised SD 1.x-structured checkpoint and a config file into DIR (default
+./flame-quickstart), then trains a LoRA on them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
 import sys
 
+from flame.ir.errors import FlameError
 
-def main(argv=None):
-    print("flame-train: LoRA training is not built yet (tracked in issue 5: it needs the CUDA/CPU "
-          "kernels of issue 3 and the SD 1.5 models of issue 4).\n"
-          "What works today: flame-compile dumps traced, differentiated graphs; see README.md.",
-          file=sys.stderr)
-    return 2
+QUICKSTART_STEPS = 120
+
+QUICKSTART_TOML = """\
+# flame-train quickstart: a LoRA on synthetic shapes over a RANDOM tiny SD 1.x-structured model.
+# Copy this file and point [model] and [[data]] at your own checkpoint and images.
+# Every key is described in docs/TRAINING.md.
+
+[model]
+checkpoint = "model/{checkpoint}"      # an SD 1.x .safetensors file or a diffusers folder
+tokenizer = "tokenizer"                # single files carry no tokenizer: SD 1.5's tokenizer/ folder
+architecture = "tiny"                  # "sd15" for real SD 1.x single files
+
+[[data]]
+path = "data/{folder}"                 # "10_" means 10 repeats per epoch (or set repeats = N)
+trigger = "{trigger}"
+flip = true
+
+[buckets]
+resolution = 64                        # 512 for SD 1.5
+step = 16                              # 64 for SD 1.5
+min_size = 32
+max_size = 128
+
+[network]
+rank = 8
+alpha = 8.0
+
+[train]
+steps = {steps}
+batch_size = 2
+lr = 1e-3
+lr_scheduler = "cosine"
+warmup_steps = 10
+seed = 0
+backend = "auto"                       # cuda if a GPU is usable, else cpu
+
+[save]
+output_dir = "output"
+name = "flamequick"
+dtype = "fp16"
+"""
+
+
+def write_quickstart(folder: str) -> str:
+    """Write the quickstart's files and config into `folder`; returns the config's path."""
+    from flame.train.quickstart_assets import CHECKPOINT_NAME, REPEATS, TRIGGER, write_quickstart as assets
+    print(f"writing the quickstart's images, random checkpoint and tokenizer into {folder}", flush=True)
+    assets(folder)
+    path = os.path.join(folder, "quickstart.toml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(QUICKSTART_TOML.format(checkpoint=CHECKPOINT_NAME, folder=f"{REPEATS}_{TRIGGER}",
+                                       trigger=TRIGGER, steps=QUICKSTART_STEPS))
+    return path
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flame-train", description="Train a Stable Diffusion 1.x LoRA on flame; "
+                                "the file it writes loads in ComfyUI, A1111 and diffusers.")
+    p.add_argument("config", nargs="?", help="the run's TOML config (see docs/TRAINING.md)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=2e-4 --set train.steps=500 (repeatable)")
+    p.add_argument("--output", metavar="DIR", help="where results go (overrides save.output_dir)")
+    p.add_argument("--quickstart", nargs="?", const="flame-quickstart", metavar="DIR",
+                   help="write a synthetic data set, a random tiny model and a config into DIR "
+                        "(default ./flame-quickstart) and train on them; nothing is downloaded")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages (the log file still gets them)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from flame.train import config as cfgmod
+    from flame.train.trainer import run
+    try:
+        if args.quickstart is not None:
+            if args.config:
+                raise cfgmod.ConfigError("give a config file or --quickstart, not both")
+            folder = os.path.abspath(args.quickstart)
+            path = write_quickstart(folder)
+            print("NOTE: the quickstart's base model is RANDOM (no weights are downloaded), so the LoRA "
+                  "it trains only demonstrates the pipeline; its images would be noise.", flush=True)
+        elif args.config:
+            path = args.config
+        else:
+            parser().print_usage(sys.stderr)
+            print("flame-train: give a config file (see docs/TRAINING.md), or try --quickstart", file=sys.stderr)
+            return 2
+        cfg = cfgmod.load(path, args.set, args.output)
+        result = run(cfg, source=path, quiet=args.quiet)
+        if args.quickstart is not None:
+            print(f"quickstart config (copy it for your own runs): {path}")
+        return 0 if result else 1
+    except FlameError as e:
+        print(f"flame-train: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("flame-train: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

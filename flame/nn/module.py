@@ -57,7 +57,11 @@ class Parameter:
     ndim = property(lambda self: self.__dict__["_data"].ndim)
 
     def tensor(self) -> Tensor:
-        return Tensor(tracer.current().param_node(self))
+        """The parameter in the graph being traced. With `compute_dtype` set (see
+        store_frozen_as) it is stored in its own dtype and cast at each use."""
+        t = Tensor(tracer.current().param_node(self))
+        cd = self.__dict__.get("compute_dtype")
+        return t if cd is None else t.cast(cd)
 
     def numpy(self) -> np.ndarray:
         return self.data
@@ -159,6 +163,22 @@ class Module:
 
     def parameters(self, recurse=True):
         return [p for _, p in self.named_parameters(recurse=recurse)]
+
+    def store_frozen_as(self, dtype, compute_dtype="f32") -> int:
+        """Store every frozen (requires_grad=False) floating-point parameter in `dtype` (bf16
+        halves a base model's memory and upload), cast to `compute_dtype` where it is used, so
+        the arithmetic stays float32. Trainable parameters are untouched. Returns how many
+        parameters changed."""
+        d, cd = dt.as_dtype(dtype), dt.as_dtype(compute_dtype)
+        n = 0
+        for p in self.parameters():
+            if p.requires_grad or not p.dtype.is_float:
+                continue
+            if p.dtype is not d:
+                p.data = np.asarray(p.data, np.float32).astype(d.np)
+                n += 1
+            p.__dict__["compute_dtype"] = None if d is cd else cd
+        return n
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(p.shape)) for p in self.parameters())

@@ -1,0 +1,492 @@
+"""flame-train's run: config in, LoRA out. Every model computation is a compiled flame graph
+(text encoding, VAE encoding, the UNet's forward, backward and AdamW update); numpy only
+moves data in and out.
+
+    validate config and paths -> scan images (skips listed) -> load models -> inject LoRA
+    -> latent and text caches (compiled VAE encoder / text encoder, on disk) -> per micro-batch:
+    inputs from the caches, timesteps and a noise seed from (seed, step) -> compiled step
+    (one graph per bucket shape) -> metrics.jsonl, progress -> LoRA file (kohya format)
+
+Outputs in save.output_dir: <name>.safetensors, <name>-step<N>.safetensors (every_steps),
+config.toml (the resolved config), train.log (what was printed), metrics.jsonl (one line per
+optimizer step).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import flame
+from flame.ir.errors import FlameError
+from flame.models import load_text_encoder, load_tokenizer, load_unet, load_vae
+from flame.models.checkpoint import metadata as read_metadata
+from flame.models.configs import SD15_UNET, SD15_VAE, TINY_UNET, TINY_VAE
+from flame.models.configs_clip import SD15_TEXT, TINY_TEXT
+from flame.train import caches, data
+from flame.train.config import check_paths, to_toml
+from flame.train.export import save_lora
+from flame.train.lora import inject_lora, inject_lora_text_encoder, lora_parameters
+from flame.train.objective import ObjectiveConfig, sample_timesteps
+from flame.train.optim import AdamWConfig
+from flame.train.schedule import ScheduleConfig, lr_at
+from flame.train.step import TrainStep
+
+ARCHITECTURES = {"sd15": (SD15_UNET, SD15_VAE, SD15_TEXT), "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT)}
+LATENT_SETTINGS = {"pixels": "rgb8-lanczos-[-1,1]", "latent": "mean*scaling_factor", "dtype": "float32"}
+
+
+class TrainError(FlameError, RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- small pieces
+
+
+class Log:
+    """Prints and appends to train.log (flushed per line: a crash keeps what was said)."""
+
+    def __init__(self, path: str | None, quiet: bool = False):
+        self.file = open(path, "a", encoding="utf-8") if path else None
+        self.quiet = quiet
+
+    def __call__(self, msg: str = ""):
+        if not self.quiet:
+            print(msg, flush=True)
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+    def quiet_line(self, bar, msg: str):
+        """A line during the progress bar: above the bar on screen, and in the log."""
+        if not self.quiet:
+            bar.write(msg)
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def choose_backend(name: str) -> tuple[str, str]:
+    from flame.runtime.device import cuda_available
+    ok, why = cuda_available()
+    if name == "cuda":
+        if not ok:
+            raise TrainError(f"train.backend = \"cuda\" but {why}; use backend = \"cpu\" (or \"auto\")")
+        return "cuda", why
+    if name == "cpu":
+        return "cpu", "train.backend = \"cpu\""
+    return ("cuda", f"auto: {why}") if ok else ("cpu", f"auto: no usable GPU ({why})")
+
+
+def micro_seed(seed: int, stream: int, micro: int) -> int:
+    """A 63-bit integer that depends only on (seed, stream, micro-batch index)."""
+    a, b = np.random.SeedSequence([int(seed), int(stream), int(micro)]).generate_state(2)
+    return int((int(a) << 31) ^ int(b)) & ((1 << 62) - 1)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass
+class Models:
+    unet: object
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    lora: dict = field(default_factory=dict)        # kohya name -> LoRA module (UNet and text encoder)
+    unet_params: dict = field(default_factory=dict)
+    te_params: dict = field(default_factory=dict)
+
+
+def load_models(cfg: dict, log) -> Models:
+    m = cfg["model"]
+    ckpt = m["checkpoint"]
+    configs = (None, None, None) if os.path.isdir(ckpt) else ARCHITECTURES[m["architecture"]]
+    t0 = time.time()
+    log(f"loading {ckpt}")
+    tok = load_tokenizer(m["tokenizer"] or ckpt)
+    unet = load_unet(ckpt, configs[0])
+    vae_path = m["vae"] or ckpt
+    vae_cfg = None if os.path.isdir(vae_path) else configs[1]
+    vae = load_vae(vae_path, vae_cfg)
+    te = load_text_encoder(ckpt, configs[2], clip_skip=m["clip_skip"])
+    ctx = unet.config.cross_attention_dim
+    if te.config.hidden_size != ctx:
+        raise TrainError(f"{ckpt}: the text encoder's width {te.config.hidden_size} is not the UNet's "
+                         f"cross_attention_dim {ctx} (model.architecture = {m['architecture']!r}?)")
+    log(f"  UNet {unet.num_parameters():,} parameters, VAE {vae.num_parameters():,}, "
+        f"text encoder {te.num_parameters():,} ({time.time() - t0:.1f} s)")
+    return Models(unet, vae, te, tok)
+
+
+def add_lora(models: Models, cfg: dict, log):
+    n, seed = cfg["network"], cfg["train"]["seed"]
+    saved = flame.nn.init.rng()
+    flame.manual_seed(seed)            # the LoRA's down weights are a function of the seed
+    try:
+        mods = inject_lora(models.unet, n["rank"], n["alpha"], n["conv_rank"], n["conv_alpha"])
+        models.lora.update(mods)
+        models.unet_params = lora_parameters(mods)
+        for p in models.text_encoder.parameters():
+            p.requires_grad = False
+        if n["train_text_encoder"]:
+            tmods = inject_lora_text_encoder(models.text_encoder, n["text_encoder_rank"] or n["rank"],
+                                             n["text_encoder_alpha"] or n["alpha"])
+            models.lora.update(tmods)
+            models.te_params = lora_parameters(tmods)
+    finally:
+        flame.nn.init._rng = saved
+    count = sum(p.data.size for p in {**models.unet_params, **models.te_params}.values())
+    log(f"LoRA: {len(models.lora)} adapted layers, {count:,} trainable parameters "
+        f"(rank {n['rank']}, alpha {n['alpha']:g}"
+        + (f"; conv rank {n['conv_rank']}, alpha {n['conv_alpha']:g}" if n["conv_rank"] else "")
+        + ("; text encoder too" if n["train_text_encoder"] else "") + ")")
+
+
+def vae_factor(vae) -> int:
+    """Pixels per latent side: 8 for SD's VAE (three downsamplings)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_bucket_shapes(ds, unet, vae, ckpt):
+    """Every bucket's sides must survive the VAE's and then the UNet's downsamplings."""
+    v, u = vae_factor(vae), 2 ** (len(unet.config.block_out_channels) - 1)
+    for (w, h) in ds.buckets:
+        if w % (v * u) or h % (v * u):
+            raise TrainError(f"bucket {w}x{h}: sides must be multiples of {v * u} for this model ({ckpt}: "
+                             f"the VAE divides by {v}, the UNet by {u}); make buckets.step a multiple of {v * u}")
+
+
+# ---------------------------------------------------------------- encoders (compiled)
+
+
+class Encoders:
+    """The compiled VAE encoder and text encoder, one graph per input shape."""
+
+    def __init__(self, models: Models, backend: str, log):
+        self.models, self.backend, self.log = models, backend, log
+        self.graphs = {}
+
+    def _get(self, key, build):
+        c = self.graphs.get(key)
+        if c is None:
+            t0 = time.time()
+            c = self.graphs[key] = build()
+            self.log(f"  compiled {key[0]} for {list(key[1])} ({time.time() - t0:.1f} s)")
+        return c
+
+    def latents(self, px: np.ndarray) -> np.ndarray:
+        vae = self.models.vae
+        sf = float(vae.scaling_factor)
+        c = self._get(("the VAE encoder", px.shape), lambda: flame.compile(
+            lambda x: vae.encode(x)[0] * sf, flame.spec(px.shape, "f32"), backend=self.backend))
+        return np.asarray(c(px), np.float32)
+
+    def text(self, ids: np.ndarray) -> np.ndarray:
+        te = self.models.text_encoder
+        c = self._get(("the text encoder", ids.shape), lambda: flame.compile(
+            te, flame.spec(ids.shape, "i64"), backend=self.backend))
+        return np.asarray(c(ids), np.float32)
+
+
+def latent_items(ds, cfg) -> list:
+    """The (image, crop, flip) combinations the run can use, for the latent cache."""
+    items = []
+    for r in ds.records:
+        content = caches.content_hash(r.path)
+        crop = data.center_crop(r.resized, r.bucket)
+        for flip in ((False, True) if cfg["data"][r.folder]["flip"] else (False,)):
+            items.append(caches.LatentItem(r.path, content, r.resized, crop, flip))
+    return items
+
+
+def cache_folder(cfg) -> str:
+    if cfg["train"]["cache_dir"]:
+        return cfg["train"]["cache_dir"]
+    root = os.environ.get("FLAME_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flame")
+    return os.path.join(root, "train")
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Result:
+    lora_path: str
+    output_dir: str
+    log_path: str
+    metrics_path: str
+    config_path: str
+    losses: list
+    steps: int
+    seconds: float
+    backend: str
+
+
+class Trainer:
+    def __init__(self, cfg: dict, source: str = "config", quiet: bool = False):
+        check_paths(cfg, source)
+        self.cfg, self.source = cfg, source
+        out = cfg["save"]["output_dir"]
+        os.makedirs(out, exist_ok=True)
+        self.paths = {k: os.path.join(out, f) for k, f in
+                      (("log", "train.log"), ("metrics", "metrics.jsonl"), ("config", "config.toml"))}
+        self.log = Log(self.paths["log"], quiet)
+        self.quiet = quiet
+
+    # -- setup
+    def prepare(self):
+        cfg, log = self.cfg, self.log
+        t = cfg["train"]
+        log(f"flame-train {time.strftime('%Y-%m-%d %H:%M:%S')}: config {self.source}")
+        with open(self.paths["config"], "w", encoding="utf-8") as f:
+            f.write(to_toml(cfg))
+        self.backend, why = choose_backend(t["backend"])
+        base_dtype = t["base_dtype"] if t["base_dtype"] != "auto" else ("bf16" if self.backend == "cuda" else "f32")
+        log(f"backend: {self.backend} ({why}); base weights stored as {base_dtype}, arithmetic float32")
+        log("scanning images")
+        self.ds = data.scan(cfg)
+        log(data.report(self.ds))
+        self.models = load_models(cfg, log)
+        check_bucket_shapes(self.ds, self.models.unet, self.models.vae, cfg["model"]["checkpoint"])
+        self.encoders = Encoders(self.models, self.backend, log)
+        self._build_caches()
+        add_lora(self.models, cfg, log)
+        if base_dtype != "f32":
+            self.models.unet.store_frozen_as(base_dtype)
+            self.models.text_encoder.store_frozen_as(base_dtype)
+        self._build_step()
+
+    def _build_caches(self):
+        cfg, log, m = self.cfg, self.log, self.models
+        folder = cache_folder(cfg)
+        self.latents = None
+        if cfg["train"]["cache_latents"]:
+            items = latent_items(self.ds, cfg)
+            lc = caches.LatentCache(folder, caches.module_fingerprint(m.vae),
+                                    {**LATENT_SETTINGS, "scaling_factor": float(m.vae.scaling_factor)})
+            t0 = time.time()
+
+            def encode(batch):
+                px = np.stack([data.pixels(it.path, it.size, it.crop, it.flip) for it in batch])
+                return self.encoders.latents(px)
+            values = lc.get_or_compute(items, encode, batch_size=1,
+                                       progress=lambda d, n: d == n and log(f"  encoded {n} image(s)"))
+            self.latents = {it.key(): v for it, v in zip(items, values)}
+            log(f"latents: {lc.stats['hits']} from the cache, {lc.stats['computed']} encoded "
+                f"({time.time() - t0:.1f} s; {lc.dir})")
+            for e in lc.events:
+                log(f"  {e}")
+        self.text = None
+        captions = data.distinct_captions(self.ds, cfg)
+        if not cfg["network"]["train_text_encoder"] and captions is not None:
+            tc = caches.TextCache(folder, caches.module_fingerprint(m.text_encoder),
+                                  {"clip_skip": cfg["model"]["clip_skip"],
+                                   "tokenizer": caches.tokenizer_fingerprint(m.tokenizer)})
+            t0 = time.time()
+            values = tc.get_or_compute(captions, lambda b: self.encoders.text(m.tokenizer.encode(b)),
+                                       batch_size=1)
+            self.text = dict(zip(captions, values))
+            log(f"text embeddings: {tc.stats['hits']} from the cache, {tc.stats['computed']} encoded "
+                f"({time.time() - t0:.1f} s; {tc.dir})")
+            for e in tc.events:
+                log(f"  {e}")
+
+    def _build_step(self):
+        cfg, m = self.cfg, self.models
+        t = cfg["train"]
+        trainable = {**m.unet_params, **m.te_params}
+        groups = {k: 1 for k in m.te_params} if m.te_params else None
+        ocfg = ObjectiveConfig(prediction=t["prediction"], min_snr_gamma=t["min_snr_gamma"] or None,
+                               noise_offset=t["noise_offset"], t_min=t["timestep_min"], t_max=t["timestep_max"])
+        acfg = AdamWConfig(betas=tuple(t["betas"]), eps=t["eps"], weight_decay=t["weight_decay"],
+                           max_grad_norm=t["max_grad_norm"] or None, grad_accum=t["grad_accum"])
+        if m.te_params:
+            unet, te = m.unet, m.text_encoder
+
+            def model(x, timesteps, ids):
+                return unet(x, timesteps, te(ids))
+        else:
+            model = m.unet
+        self.objective = ocfg
+        self.step = TrainStep(model, trainable, ocfg, acfg, self.backend, groups=groups)
+        self.schedule = ScheduleConfig(lr=t["lr"], name=t["lr_scheduler"], warmup_steps=t["warmup_steps"],
+                                       total_steps=t["steps"])
+
+    # -- per micro-batch
+    def inputs(self, batch):
+        recs = [self.ds.records[it.record] for it in batch]
+        if self.latents is not None:
+            lat = np.stack([self.latents[self._latent_key(r, it)] for r, it in zip(recs, batch)])
+        else:
+            px = np.stack([data.pixels(r.path, r.resized, it.crop, it.flip) for r, it in zip(recs, batch)])
+            lat = self.encoders.latents(px)
+        caps = [it.caption for it in batch]
+        if self.models.te_params:
+            ctx = self.models.tokenizer.encode(caps)
+        elif self.text is not None:
+            ctx = np.stack([self.text[c] for c in caps])
+        else:
+            ctx = self.encoders.text(self.models.tokenizer.encode(caps))
+        return lat, ctx
+
+    def _latent_key(self, r, it):
+        if not hasattr(self, "_hashes"):
+            self._hashes = {}
+        h = self._hashes.get(r.path)
+        if h is None:
+            h = self._hashes[r.path] = caches.content_hash(r.path)
+        return caches.LatentItem(r.path, h, r.resized, it.crop, it.flip).key()
+
+    def lrs(self, opt_step: int):
+        t = self.cfg["train"]
+        lr = lr_at(opt_step - 1, self.schedule)
+        if not self.models.te_params:
+            return lr
+        f = lr / t["lr"] if t["lr"] else 0.0
+        te_lr = t["text_encoder_lr"] if t["text_encoder_lr"] is not None else t["lr"]
+        return [lr, te_lr * f if t["lr"] else lr_at(opt_step - 1, ScheduleConfig(
+            lr=te_lr, name=t["lr_scheduler"], warmup_steps=t["warmup_steps"], total_steps=t["steps"]))]
+
+    # -- the loop
+    def metadata(self, started: float, step: int, epoch: int) -> dict:
+        cfg, t, n = self.cfg, self.cfg["train"], self.cfg["network"]
+        b = cfg["buckets"]
+        triggers = [d["trigger"] for d in cfg["data"] if d["trigger"]]
+        return {
+            "ss_sd_model_name": os.path.basename(os.path.normpath(cfg["model"]["checkpoint"])),
+            "ss_learning_rate": t["lr"], "ss_unet_lr": t["lr"],
+            "ss_text_encoder_lr": (t["text_encoder_lr"] if t["text_encoder_lr"] is not None else t["lr"])
+            if n["train_text_encoder"] else None,
+            "ss_max_train_steps": t["steps"], "ss_steps": step, "ss_epoch": epoch,
+            "ss_lr_scheduler": t["lr_scheduler"], "ss_lr_warmup_steps": t["warmup_steps"],
+            "ss_optimizer": f"AdamW(betas={tuple(t['betas'])},eps={t['eps']},weight_decay={t['weight_decay']})",
+            "ss_seed": t["seed"], "ss_noise_offset": t["noise_offset"] or None,
+            "ss_min_snr_gamma": t["min_snr_gamma"] or None, "ss_clip_skip": cfg["model"]["clip_skip"],
+            "ss_resolution": f"({b['resolution']}, {b['resolution']})",
+            "ss_enable_bucket": "True", "ss_min_bucket_reso": b["min_size"], "ss_max_bucket_reso": b["max_size"],
+            "ss_bucket_no_upscale": str(not b["upscale"]),
+            "ss_bucket_info": {"buckets": {f"{w}x{h}": c for (w, h), c in sorted(self.ds.buckets.items())}},
+            "ss_num_train_images": self.ds.items_per_epoch,
+            "ss_batch_size_per_device": t["batch_size"], "ss_gradient_accumulation_steps": t["grad_accum"],
+            "ss_max_grad_norm": t["max_grad_norm"], "ss_mixed_precision": "no",
+            "ss_caption_dropout_rate": max((d["caption_dropout"] for d in cfg["data"]), default=0.0),
+            "ss_keep_tokens": max((d["keep_tokens"] for d in cfg["data"]), default=0),
+            "ss_flip_aug": str(any(d["flip"] for d in cfg["data"])),
+            "ss_shuffle_caption": str(any(d["shuffle_captions"] for d in cfg["data"])),
+            "ss_prediction_type": t["prediction"],
+            "ss_training_started_at": f"{started:.3f}", "ss_training_finished_at": f"{time.time():.3f}",
+            "ss_output_name": cfg["save"]["name"],
+            "ss_tag_frequency": self.ds.tag_frequency(),
+            "ss_dataset_dirs": {os.path.basename(os.path.normpath(f["path"])):
+                                {"n_repeats": f["repeats"], "img_count": f["images"]} for f in self.ds.folders},
+            "ss_training_comment": "trained with flame",
+            "modelspec.trigger_phrase": ", ".join(dict.fromkeys(triggers)) or None,
+            "modelspec.prediction_type": t["prediction"],
+            "modelspec.resolution": f"{b['resolution']}x{b['resolution']}",
+            "modelspec.encoder_layer": cfg["model"]["clip_skip"],
+            "modelspec.timestep_range": f"{t['timestep_min']},{t['timestep_max']}",
+        }
+
+    def save(self, path: str, started: float, step: int, epoch: int) -> str:
+        save_lora(path, self.models.lora, self.metadata(started, step, epoch), self.cfg["save"]["dtype"])
+        return path
+
+    def train(self) -> Result:
+        from tqdm import tqdm
+        cfg, log = self.cfg, self.log
+        t, sv = cfg["train"], cfg["save"]
+        started = time.time()
+        epoch, pos = 0, 0
+        batches = data.epoch_batches(self.ds, cfg, epoch)
+        log(f"training: {t['steps']} steps x {t['grad_accum']} micro-batch(es) of up to {t['batch_size']} "
+            f"image(s); {len(batches)} micro-batches per epoch")
+        final = os.path.join(sv["output_dir"], f"{sv['name']}.safetensors")
+        losses, micro = [], 0
+        bar = tqdm(total=t["steps"], unit="step", disable=self.quiet, dynamic_ncols=True, file=sys.stderr,
+                   mininterval=0.5)
+        smooth = None
+        try:
+            with open(self.paths["metrics"], "a", encoding="utf-8") as metrics:
+                for opt_step in range(1, t["steps"] + 1):
+                    lr = self.lrs(opt_step)
+                    step_losses = []
+                    for _ in range(t["grad_accum"]):
+                        if pos == len(batches):
+                            epoch, pos = epoch + 1, 0
+                            batches = data.epoch_batches(self.ds, cfg, epoch)
+                        batch = batches[pos]
+                        pos += 1
+                        lat, ctx = self.inputs(batch)
+                        ts = sample_timesteps(np.random.default_rng(micro_seed(t["seed"], 2, micro)),
+                                              len(batch), self.objective)
+                        key_before = len(self.step.compiled)
+                        t0 = time.time()
+                        loss = self.step(lat, ctx, ts, micro_seed(t["seed"], 3, micro), lr, opt_step)
+                        if len(self.step.compiled) != key_before:
+                            w, h = self.ds.records[batch[0].record].bucket
+                            self.log.quiet_line(bar, f"  compiled the training step for bucket {w}x{h}, batch "
+                                                     f"{len(batch)} ({time.time() - t0:.1f} s)")
+                        micro += 1
+                        step_losses.append(loss)
+                        if not math.isfinite(loss):
+                            raise TrainError(
+                                f"step {opt_step}: the loss is {loss} (learning rate {lr}); stopping. "
+                                f"Last saved LoRA: {self._last_saved or 'none yet'}. Lower train.lr or "
+                                f"set train.max_grad_norm.")
+                    loss = float(np.mean(step_losses))
+                    losses.append(loss)
+                    smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+                    lr0 = lr if not isinstance(lr, list) else lr[0]
+                    rec = {"step": opt_step, "loss": loss, "lr": lr, "grad_norm": self.step.last_grad_norm,
+                           "epoch": epoch, "time": round(time.time() - started, 3)}
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    bar.set_postfix_str(f"loss {smooth:.4f} lr {lr0:.2e}", refresh=False)
+                    bar.update(1)
+                    if sv["every_steps"] and opt_step % sv["every_steps"] == 0 and opt_step != t["steps"]:
+                        p = os.path.join(sv["output_dir"], f"{sv['name']}-step{opt_step:06d}.safetensors")
+                        self._last_saved = self.save(p, started, opt_step, epoch)
+                        self.log.quiet_line(bar, f"  saved {p}")
+            self.save(final, started, t["steps"], epoch)
+        finally:
+            bar.close()
+        secs = time.time() - started
+        n = len(losses)
+        first, last = np.mean(losses[:max(1, n // 5)]), np.mean(losses[-max(1, n // 5):])
+        log(f"done: {t['steps']} steps in {secs:.1f} s ({t['steps'] * t['grad_accum'] / secs:.2f} micro-batches/s); "
+            f"loss {first:.4f} (first fifth) -> {last:.4f} (last fifth)")
+        log(f"LoRA:    {final}")
+        log(f"config:  {self.paths['config']}")
+        log(f"log:     {self.paths['log']}")
+        log(f"metrics: {self.paths['metrics']}")
+        return Result(final, sv["output_dir"], self.paths["log"], self.paths["metrics"], self.paths["config"],
+                      losses, t["steps"], secs, self.backend)
+
+    _last_saved = None
+
+
+def run(cfg: dict, source: str = "config", quiet: bool = False) -> Result:
+    tr = Trainer(cfg, source, quiet)
+    try:
+        tr.prepare()
+        return tr.train()
+    finally:
+        tr.log.close()
