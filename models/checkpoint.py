@@ -6,6 +6,7 @@ package's numpy API has no bf16), and nothing is copied until a tensor is used.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -112,11 +113,17 @@ def save_safetensors(tensors: dict, path: str, metadata: dict | None = None):
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for a in blobs:
-            f.write(a.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(h)))
+            f.write(h)
+            for a in blobs:
+                f.write(a.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:   # a full disk, say: the previous file stays as it was
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise CheckpointError(f"{path}: could not be written ({e.strerror or e}); "
+                              "the previous file, if any, is unchanged") from None

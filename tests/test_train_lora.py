@@ -27,6 +27,7 @@ from flame.models.configs import TINY_UNET  # noqa: E402
 from flame.models.configs_clip import TINY_TEXT  # noqa: E402
 from flame.models.unet import UNet2DConditionModel  # noqa: E402
 from flame.train.export import apply_lora, load_lora, save_lora  # noqa: E402
+from lora_reference import kohya_reference  # noqa: E402
 from flame.train.lora import (LORA_TYPES, LoRAConv2d, LoRAError, LoRALinear, inject_lora,  # noqa: E402
                               inject_lora_text_encoder, lora_parameters)
 
@@ -163,26 +164,6 @@ def test_saved_lora_loaded_by_diffusers_changes_models_as_flame_does(base, tmp_p
 
 
 # ---------------------------------------------------------------- (c) the file format
-
-
-def kohya_reference(tu, rank, conv_rank):
-    """kohya's networks/lora.py rule applied to diffusers' own module tree: every Linear/Conv2d
-    inside a Transformer2DModel (and, with conv, ResnetBlock2D/Downsample2D/Upsample2D; 3x3
-    convs get conv_rank) -> {name: (down shape, up shape)}."""
-    classes = {"Transformer2DModel"} | ({"ResnetBlock2D", "Downsample2D", "Upsample2D"} if conv_rank else set())
-    out = {}
-    for name, mod in tu.named_modules():
-        if type(mod).__name__ not in classes:
-            continue
-        for cn, ch in mod.named_modules():
-            key = "lora_unet_" + f"{name}.{cn}".replace(".", "_")
-            if isinstance(ch, torch.nn.Linear):
-                out[key] = ((rank, ch.in_features), (ch.out_features, rank))
-            elif isinstance(ch, torch.nn.Conv2d):
-                r = rank if ch.kernel_size == (1, 1) else conv_rank
-                if r:
-                    out[key] = ((r, ch.in_channels, *ch.kernel_size), (ch.out_channels, r, 1, 1))
-    return out
 
 
 TE_KEYS = [f"lora_te_text_model_encoder_layers_{i}_{m}" for i in range(TINY_TEXT.num_hidden_layers)

@@ -128,7 +128,9 @@ KEYS: dict[str, dict[str, Key]] = {
                           "(relative to the config file; --output overrides)"),
         "name": Key(str, "lora", "the LoRA file's name, without .safetensors"),
         "dtype": Key(("fp16", "bf16", "fp32"), "fp16", "dtype of the saved LoRA weights"),
-        "every_steps": Key(int, 0, "also save <name>-step<N>.safetensors every N steps (0: only at the end)", min=0),
+        "every_steps": Key(int, 0, "every N steps also save <name>-step<N>.safetensors and the training "
+                           "state that --resume continues from (0: only at the end)", min=0),
+        "keep_last": Key(int, 3, "how many of those periodic checkpoints to keep (the oldest are deleted)", min=1),
     },
 }
 LIST_SECTIONS = {"data"}      # [[data]]: an array of tables

@@ -7,16 +7,19 @@ moves data in and out.
     inputs from the caches, timesteps and a noise seed from (seed, step) -> compiled step
     (one graph per bucket shape) -> metrics.jsonl, progress -> LoRA file (kohya format)
 
-Outputs in save.output_dir: <name>.safetensors, <name>-step<N>.safetensors (every_steps),
-config.toml (the resolved config), train.log (what was printed), metrics.jsonl (one line per
-optimizer step).
+Outputs in save.output_dir: <name>.safetensors, <name>-step<N>.safetensors (every_steps,
+the newest keep_last kept), state/ (the training state of each of those, for --resume; see
+train/state.py), config.toml (the resolved config), train.log (what was printed),
+metrics.jsonl (one line per optimizer step). Ctrl-C or SIGTERM finishes the step and saves.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +31,7 @@ from flame.models import load_text_encoder, load_tokenizer, load_unet, load_vae
 from flame.models.checkpoint import metadata as read_metadata
 from flame.models.configs import SD15_UNET, SD15_VAE, TINY_UNET, TINY_VAE
 from flame.models.configs_clip import SD15_TEXT, TINY_TEXT
-from flame.train import caches, data
+from flame.train import caches, data, state
 from flame.train.config import check_paths, to_toml
 from flame.train.export import save_lora
 from flame.train.lora import inject_lora, inject_lora_text_encoder, lora_parameters
@@ -238,6 +241,7 @@ class Result:
     steps: int
     seconds: float
     backend: str
+    interrupted: bool = False
 
 
 class Trainer:
@@ -409,23 +413,86 @@ class Trainer:
         save_lora(path, self.models.lora, self.metadata(started, step, epoch), self.cfg["save"]["dtype"])
         return path
 
-    def train(self) -> Result:
+    def periodic_lora(self, step: int) -> str:
+        sv = self.cfg["save"]
+        return os.path.join(sv["output_dir"], f"{sv['name']}-step{step:06d}.safetensors")
+
+    def checkpoint(self, lora_path: str, started: float, position: dict) -> str:
+        """The LoRA and the training state for `position`, each written atomically."""
+        sv = self.cfg["save"]
+        self.save(lora_path, started, position["step"], position["epoch"])
+        opt = self.step.opt
+        sp = state.state_path(sv["output_dir"], sv["name"], position["step"])
+        state.save_state(sp, {k: p.data for k, p in opt.params.items()}, opt.state_dict(), position, self.cfg)
+        self._last_saved = lora_path
+        return sp
+
+    def resume_from(self, path: str) -> dict:
+        """Load a state file into the trainables and the optimizer; returns its position."""
+        params, opt_state, position, saved_cfg = state.load_state(path)
+        diff = state.config_difference(saved_cfg, state.comparable_config(self.cfg))
+        if diff:
+            raise TrainError(f"{path}: cannot resume: the config differs from the run that saved it "
+                             "([save] may change, nothing else):\n  " + "\n  ".join(diff))
+        opt = self.step.opt
+        missing = [k for k in opt.params if k not in params]
+        if missing or len(params) != len(opt.params):
+            raise TrainError(f"{path}: the state holds {len(params)} trainables, the run has {len(opt.params)}"
+                             + (f" (e.g. {missing[0]!r} is missing)" if missing else ""))
+        for k, p in opt.params.items():
+            if params[k].shape != p.shape:
+                raise TrainError(f"{path}: {k} has shape {list(params[k].shape)}, the run's is {list(p.shape)}")
+            p.data = np.array(params[k], np.float32)
+        try:
+            opt.load_state_dict(opt_state)
+        except (KeyError, ValueError) as e:
+            raise TrainError(f"{path}: {e}") from None
+        self.log(f"resuming from {path}: step {position['step']}, epoch {position['epoch']}")
+        return position
+
+    def _keep_metrics_until(self, step: int):
+        """metrics.jsonl without the lines of steps after `step` (done after the last save
+        by a run that was killed): they are done again now."""
+        p = self.paths["metrics"]
+        if not os.path.exists(p):
+            return
+        with open(p, encoding="utf-8") as f:
+            lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+        with open(p, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+
+    def train(self, resume: bool = False) -> Result:
         from tqdm import tqdm
         cfg, log = self.cfg, self.log
         t, sv = cfg["train"], cfg["save"]
         started = time.time()
-        epoch, pos = 0, 0
+        position = {"step": 0, "epoch": 0, "pos": 0, "micro": 0, "smooth": None}
+        final = os.path.join(sv["output_dir"], f"{sv['name']}.safetensors")
+        if resume:
+            found = state.latest_state(sv["output_dir"], sv["name"])
+            if found is None:
+                raise TrainError(f"--resume: no training state in {os.path.join(sv['output_dir'], state.FOLDER)} "
+                                 f"for save.name = {sv['name']!r}")
+            position = self.resume_from(found)
+            if position["step"] >= t["steps"]:
+                log(f"the run already finished at step {position['step']} (train.steps = {t['steps']}): {final}")
+                return Result(final, sv["output_dir"], self.paths["log"], self.paths["metrics"],
+                              self.paths["config"], [], position["step"], 0.0, self.backend)
+        self._keep_metrics_until(position["step"])
+        epoch, pos, micro = position["epoch"], position["pos"], position["micro"]
         batches = data.epoch_batches(self.ds, cfg, epoch)
         log(f"training: {t['steps']} steps x {t['grad_accum']} micro-batch(es) of up to {t['batch_size']} "
             f"image(s); {len(batches)} micro-batches per epoch")
-        final = os.path.join(sv["output_dir"], f"{sv['name']}.safetensors")
-        losses, micro = [], 0
-        bar = tqdm(total=t["steps"], unit="step", disable=self.quiet, dynamic_ncols=True, file=sys.stderr,
-                   mininterval=0.5)
-        smooth = None
+        losses = []
+        bar = tqdm(total=t["steps"], initial=position["step"], unit="step", disable=self.quiet,
+                   dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+        smooth = position["smooth"]
+        stop = Interrupts(lambda: self.log.quiet_line(
+            bar, "  interrupted: finishing this step, then saving (press Ctrl-C again to stop at once)"))
+        opt_step = position["step"]
         try:
-            with open(self.paths["metrics"], "a", encoding="utf-8") as metrics:
-                for opt_step in range(1, t["steps"] + 1):
+            with stop, open(self.paths["metrics"], "a", encoding="utf-8") as metrics:
+                for opt_step in range(position["step"] + 1, t["steps"] + 1):
                     lr = self.lrs(opt_step)
                     step_losses = []
                     for _ in range(t["grad_accum"]):
@@ -461,18 +528,32 @@ class Trainer:
                     metrics.flush()
                     bar.set_postfix_str(f"loss {smooth:.4f} lr {lr0:.2e}", refresh=False)
                     bar.update(1)
-                    if sv["every_steps"] and opt_step % sv["every_steps"] == 0 and opt_step != t["steps"]:
-                        p = os.path.join(sv["output_dir"], f"{sv['name']}-step{opt_step:06d}.safetensors")
-                        self._last_saved = self.save(p, started, opt_step, epoch)
-                        self.log.quiet_line(bar, f"  saved {p}")
-            self.save(final, started, t["steps"], epoch)
+                    here = {"step": opt_step, "epoch": epoch, "pos": pos, "micro": micro, "smooth": smooth}
+                    last = opt_step == t["steps"]
+                    if stop.requested and not last:
+                        p = self.periodic_lora(opt_step)
+                        sp = self.checkpoint(p, started, here)
+                        bar.close()
+                        log(f"interrupted after step {opt_step} of {t['steps']}: saved {p} and {sp}; "
+                            f"continue with --resume")
+                        return Result(p, sv["output_dir"], self.paths["log"], self.paths["metrics"],
+                                      self.paths["config"], losses, opt_step, time.time() - started,
+                                      self.backend, interrupted=True)
+                    if sv["every_steps"] and opt_step % sv["every_steps"] == 0 and not last:
+                        p = self.periodic_lora(opt_step)
+                        self.checkpoint(p, started, here)
+                        self.log.quiet_line(bar, f"  saved {p} (and its training state)")
+                        for f in state.prune(sv["output_dir"], sv["name"], sv["keep_last"], self.periodic_lora):
+                            self.log.quiet_line(bar, f"  removed {f} (save.keep_last = {sv['keep_last']})")
+                self.checkpoint(final, started, here)
         finally:
             bar.close()
         secs = time.time() - started
         n = len(losses)
-        first, last = np.mean(losses[:max(1, n // 5)]), np.mean(losses[-max(1, n // 5):])
-        log(f"done: {t['steps']} steps in {secs:.1f} s ({t['steps'] * t['grad_accum'] / secs:.2f} micro-batches/s); "
-            f"loss {first:.4f} (first fifth) -> {last:.4f} (last fifth)")
+        if n:
+            first, last = np.mean(losses[:max(1, n // 5)]), np.mean(losses[-max(1, n // 5):])
+            log(f"done: {n} steps in {secs:.1f} s ({n * t['grad_accum'] / secs:.2f} micro-batches/s); "
+                f"loss {first:.4f} (first fifth) -> {last:.4f} (last fifth)")
         log(f"LoRA:    {final}")
         log(f"config:  {self.paths['config']}")
         log(f"log:     {self.paths['log']}")
@@ -483,10 +564,37 @@ class Trainer:
     _last_saved = None
 
 
-def run(cfg: dict, source: str = "config", quiet: bool = False) -> Result:
+class Interrupts:
+    """Inside `with`: the first SIGINT (Ctrl-C) or SIGTERM only sets `requested` (the loop
+    finishes its step and saves); a second SIGINT raises KeyboardInterrupt at once."""
+
+    def __init__(self, on_first):
+        self.requested = False
+        self.on_first = on_first
+        self.old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.on_first()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        return False
+
+
+def run(cfg: dict, source: str = "config", quiet: bool = False, resume: bool = False) -> Result:
     tr = Trainer(cfg, source, quiet)
     try:
         tr.prepare()
-        return tr.train()
+        return tr.train(resume)
     finally:
         tr.log.close()

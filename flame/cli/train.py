@@ -1,6 +1,6 @@
 """flame-train: the LoRA trainer's command line.
 
-    flame-train CONFIG.toml [--set section.key=value ...] [--output DIR] [--quiet]
+    flame-train CONFIG.toml [--set section.key=value ...] [--output DIR] [--resume] [--quiet]
     flame-train --quickstart [--output DIR] [--set ...]
 
 --quickstart needs nothing downloaded: it writes a small synthetic captioned image set, a small
@@ -15,7 +15,7 @@ import sys
 
 from flame.ir.errors import FlameError
 
-QUICKSTART_STEPS = 120
+QUICKSTART_STEPS = 60
 
 QUICKSTART_TOML = """\
 # flame-train quickstart: a LoRA on synthetic shapes over a RANDOM tiny SD 1.x-structured model.
@@ -80,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quickstart", nargs="?", const="flame-quickstart", metavar="DIR",
                    help="write a synthetic data set, a random tiny model and a config into DIR "
                         "(default ./flame-quickstart) and train on them; nothing is downloaded")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest training state in the output folder (saved every "
+                        "save.every_steps steps, at the end and on Ctrl-C); the config must be the same but for [save]")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages (the log file still gets them)")
     return p
 
@@ -103,10 +106,12 @@ def main(argv=None) -> int:
             print("flame-train: give a config file (see docs/TRAINING.md), or try --quickstart", file=sys.stderr)
             return 2
         cfg = cfgmod.load(path, args.set, args.output)
-        result = run(cfg, source=path, quiet=args.quiet)
+        result = run(cfg, source=path, quiet=args.quiet, resume=args.resume)
+        if result.interrupted:
+            return 130
         if args.quickstart is not None:
             print(f"quickstart config (copy it for your own runs): {path}")
-        return 0 if result else 1
+        return 0
     except FlameError as e:
         print(f"flame-train: error: {e}", file=sys.stderr)
         return 1

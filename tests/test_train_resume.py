@@ -1,0 +1,176 @@
+"""Checkpoints, resume and interrupts of flame-train, on the quickstart with every image in
+one bucket: an uninterrupted run is the reference; a run killed by SIGKILL (a real child
+process) and resumed, and a run stopped by Ctrl-C (SIGINT) and resumed, end bit for bit where
+it ends — LoRA weights, AdamW moments and the loss of every step. An interrupted save leaves
+the previous file readable; keep_last prunes; a changed config is refused with the difference."""
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from flame.cli import train as cli
+from flame.models import checkpoint
+from flame.models.checkpoint import load_safetensors
+from flame.train import state
+
+STEPS = 8
+ARGS = ["--set", f"train.steps={STEPS}", "--set", "train.warmup_steps=2", "--set", "save.every_steps=2",
+        "--set", "save.keep_last=2",
+        # every image in the 64x64 bucket: one training graph, the one the quickstart test compiled
+        "--set", "buckets.upscale=true", "--set", "buckets.min_size=64", "--set", "buckets.max_size=64"]
+
+
+@pytest.fixture(scope="module")
+def env(train_cache_dir):
+    return {**os.environ, "FLAME_CACHE_DIR": str(train_cache_dir), "PYTHONUNBUFFERED": "1"}
+
+
+def main(argv, env):
+    old = os.environ.get("FLAME_CACHE_DIR")
+    os.environ["FLAME_CACHE_DIR"] = env["FLAME_CACHE_DIR"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            rc = cli.main(argv)
+    finally:
+        if old is None:
+            os.environ.pop("FLAME_CACHE_DIR")
+        else:
+            os.environ["FLAME_CACHE_DIR"] = old
+    return rc, out.getvalue()
+
+
+def child(folder, env):
+    return subprocess.Popen([sys.executable, "-m", "flame.cli.train", "--quickstart", str(folder), *ARGS],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(proc, metrics, step, timeout=900):
+    """Block until metrics.jsonl has a line for `step` (the child is mid-run)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"the child ended early ({proc.returncode}):\n{proc.stdout.read()}")
+        if metrics.exists():
+            lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the child did not reach step {step}")
+
+
+def final_state(folder):
+    out = folder / "output"
+    params, opt, position, _ = state.load_state(str(out / "state" / f"flamequick-step{STEPS:06d}.state.safetensors"))
+    lora = {k: np.array(v) for k, v in load_safetensors(str(out / "flamequick.safetensors")).items()}
+    losses = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return params, opt, position, lora, losses
+
+
+def assert_same_run(a, b):
+    pa, oa, posa, la, lossa = a
+    pb, ob, posb, lb, lossb = b
+    assert posa == posb
+    assert lossa == lossb and len(lossa) == STEPS
+    for x, y in ((pa, pb), (oa, ob), (la, lb)):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    folder = tmp_path_factory.mktemp("straight") / "qs"
+    rc, said = main(["--quickstart", str(folder), *ARGS], env)
+    assert rc == 0, said
+    return folder, final_state(folder), said
+
+
+def test_periodic_checkpoints_and_keep_last(reference):
+    folder, (params, opt, position, lora, losses), said = reference
+    out = folder / "output"
+    # every 2 steps a LoRA and a state; keep_last = 2 leaves steps 4 and 6 (8 is the final save)
+    assert sorted(os.listdir(out / "state")) == [f"flamequick-step{s:06d}.state.safetensors" for s in (4, 6, 8)]
+    assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == \
+        ["flamequick-step000004.safetensors", "flamequick-step000006.safetensors", "flamequick.safetensors"]
+    assert "removed" in said and "step000002" in said
+    assert position["step"] == STEPS and position["micro"] == STEPS
+    # the state's float32 weights are what the fp16 LoRA file holds, rounded
+    assert set(params) == {k for k in lora if k.endswith(".weight")}    # named as in the file
+    for k, p in params.items():
+        assert p.dtype == np.float32 and lora[k].dtype == np.float16
+        np.testing.assert_array_equal(lora[k], p.astype(np.float16))
+    assert set(opt) == {f"{t}.{k}" for t in ("m", "v") for k in params}
+
+
+def test_killed_run_resumes_bit_for_bit(reference, tmp_path, env):
+    folder = tmp_path / "qs"
+    proc = child(folder, env)
+    wait_for_step(proc, folder / "output" / "metrics.jsonl", 5)
+    proc.send_signal(signal.SIGKILL)          # no chance to save: steps after the last save are lost
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert state.latest_state(str(folder / "output"), "flamequick").endswith("step000004.state.safetensors")
+    rc, said = main(["--quickstart", str(folder), "--resume", *ARGS], env)
+    assert rc == 0, said
+    assert "resuming from" in said and "step 4" in said
+    assert_same_run(final_state(folder), reference[1])
+
+
+def test_ctrl_c_saves_and_resumes_bit_for_bit(reference, tmp_path, env):
+    folder = tmp_path / "qs"
+    proc = child(folder, env)
+    wait_for_step(proc, folder / "output" / "metrics.jsonl", 3)
+    proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 130, text
+    assert "interrupted after step" in text and "continue with --resume" in text
+    step = int(text.split("interrupted after step ")[1].split()[0])
+    assert 3 <= step < STEPS
+    out = folder / "output"
+    assert (out / f"flamequick-step{step:06d}.safetensors").is_file()
+    assert state.latest_state(str(out), "flamequick").endswith(f"step{step:06d}.state.safetensors")
+    rc, said = main(["--quickstart", str(folder), "--resume", *ARGS], env)
+    assert rc == 0, said
+    assert_same_run(final_state(folder), reference[1])
+    # resuming a finished run says so and changes nothing
+    rc, said = main(["--quickstart", str(folder), "--resume", *ARGS], env)
+    assert rc == 0 and "already finished at step 8" in said
+
+
+def test_resume_refuses_a_changed_config(reference, env):
+    folder = reference[0]
+    rc, said = main(["--quickstart", str(folder), "--resume", *ARGS, "--set", "train.lr=0.002",
+                     "--set", "network.rank=4", "--set", "save.name=flamequick"], env)
+    assert rc == 1
+    assert "cannot resume: the config differs" in said
+    assert "train.lr: 0.001 (saved) -> 0.002 (now)" in said and "network.rank: 8 (saved) -> 4 (now)" in said
+
+
+def test_resume_without_state_is_an_error(tmp_path, env):
+    rc, said = main(["--quickstart", str(tmp_path / "qs"), "--resume", *ARGS, "--set", "save.name=other"], env)
+    assert rc == 1 and "--resume: no training state in" in said and "'other'" in said
+
+
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    rng = np.random.default_rng()
+    path = str(tmp_path / "ck.safetensors")
+    old = {"w": rng.standard_normal((3, 5)).astype(np.float32)}
+    checkpoint.save_safetensors(old, path)
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint.os, "fsync", disk_full)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save_safetensors({"w": rng.standard_normal((300, 500)).astype(np.float32)}, path)
+    assert path in str(e.value) and "No space left" in str(e.value) and "unchanged" in str(e.value)
+    assert os.listdir(tmp_path) == ["ck.safetensors"]            # no half-written temporary left
+    np.testing.assert_array_equal(np.array(load_safetensors(path)["w"]), old["w"])
