@@ -8,7 +8,7 @@ from .ir.tensor import Tensor
 from .ir.autodiff import grad, value_and_grad
 from .ir.ops import (cat, concat, const, full, ones, rand_normal, rand_uniform, stack,
                      stop_gradient, where, zeros)
-from .compile import compile
+from .compile import compile, plan
 from .nn.init import manual_seed
 from . import nn
 

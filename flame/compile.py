@@ -93,3 +93,16 @@ def compile(fn, *args, backend="interp", passes=None, options=None, param_update
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     graph = optimize(trace(fn, *args), passes)
     return Compiled(graph, backend, options, param_updates)
+
+
+def plan(fn, *args, backend="cpu", passes=None, options=None):
+    """What compile(fn, *args, backend=...) would run, without generating or compiling any
+    kernel: the Schedule (its fused kernels, and .plan with the arena's peak bytes) that the
+    backend's runner builds from the same traced and optimised graph. For dry runs."""
+    if backend not in ("cpu", "cuda"):
+        raise ValueError(f"plan: backend must be 'cpu' or 'cuda', not {backend!r}")
+    from .codegen.schedule import make_schedule
+    graph = optimize(trace(fn, *args), passes)
+    # the runners' block sizes: CpuRunner's 64, CudaRunner's option (256 by default)
+    block = int((options or {}).get("block", 256)) if backend == "cuda" else 64
+    return make_schedule(graph, backend, block)

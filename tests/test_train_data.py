@@ -247,3 +247,42 @@ def test_pixels_resize_crop_flip(tmp_path, rng):
     np.testing.assert_allclose(x, ref[2:30, 4:36].transpose(2, 0, 1) / 127.5 - 1, atol=1e-6)
     xf = D.pixels(str(tmp_path / "p.png"), (40, 30), (4, 2, 36, 30), flip=True)
     np.testing.assert_array_equal(xf, x[:, :, ::-1])
+
+
+def test_loss_curve_png(tmp_path):
+    from flame.train import plot
+    rng = np.random.default_rng()
+    steps = list(range(1, 41))
+    losses = list(np.linspace(1.0, 0.2, 40) + 0.01 * rng.standard_normal(40))
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "loss": v} for s, v in zip(steps, losses)]
+    lines[5] = {"step": 6, "loss": None, "skipped": True}         # a skipped step is left out
+    metrics.write_text("".join(__import__("json").dumps(r) + "\n" for r in lines))
+    png = plot.write_loss_curve(str(metrics), str(tmp_path / "loss.png"), "test")
+    im = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert im.shape == (plot.SIZE[1], plot.SIZE[0], 3) and sorted(os.listdir(tmp_path)) == ["loss.png", "metrics.jsonl"]
+    blue = np.all(np.abs(im - plot.SMOOTH) < 40, axis=2)
+    cols = np.nonzero(blue.any(axis=0))[0]
+    assert cols.min() <= plot.MARGIN[0] + 2 and cols.max() >= plot.SIZE[0] - plot.MARGIN[2] - 2
+    rows_at = lambda c: np.nonzero(blue[:, c])[0].mean()
+    # a falling loss: the curve starts high (small row index) and ends low
+    assert rows_at(cols.min() + 1) < plot.MARGIN[1] + 10 and rows_at(cols.max() - 1) > plot.SIZE[1] / 2
+
+
+def test_caption_dropout_and_random_crop(tmp_path, rng):
+    for i in range(4):
+        write_png(tmp_path / f"{i}.png", (192, 128), rng, f"tag{i}, x")
+    cfg = make_cfg([(tmp_path, {"repeats": 50, "caption_dropout": 0.3})],
+                   buckets={"crop": "random", "resolution": 64, "step": 16, "min_size": 16},
+                   train={"cache_latents": False, "seed": int(rng.integers(1 << 30))})
+    ds = D.scan(cfg)
+    r = ds.records[0]
+    assert r.bucket == (64, 48) and r.resized == (72, 48)    # 78x52 at 64^2 pixels, floored; cover -> 72x48
+    items = [it for b in D.epoch_batches(ds, cfg, 0) for it in b]
+    dropped = sum(it.caption == "" for it in items) / len(items)
+    assert 0.2 < dropped < 0.4                                 # 200 draws of p = 0.3
+    crops = {it.crop for it in items}
+    assert len(crops) > 3
+    for left, top, right, bottom in crops:
+        assert (right - left, bottom - top) == r.bucket
+        assert 0 <= left and right <= r.resized[0] and 0 <= top and bottom <= r.resized[1]

@@ -55,7 +55,8 @@ def run(tmp_path_factory, train_cache_dir):
 
 def test_writes_everything_and_the_loss_falls(run):
     out = run["root"] / "output"
-    assert sorted(os.listdir(out)) == ["config.toml", "flamequick.safetensors", "metrics.jsonl", "state", "train.log"]
+    assert sorted(os.listdir(out)) == ["config.toml", "flamequick.safetensors", "loss.png", "metrics.jsonl", "state",
+                                       "train.log"]
     assert os.listdir(out / "state") == [f"flamequick-step{STEPS:06d}.state.safetensors"]
     assert (run["root"] / "quickstart.toml").is_file()
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -174,3 +174,63 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     assert path in str(e.value) and "No space left" in str(e.value) and "unchanged" in str(e.value)
     assert os.listdir(tmp_path) == ["ck.safetensors"]            # no half-written temporary left
     np.testing.assert_array_equal(np.array(load_safetensors(path)["w"]), old["w"])
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss(policy, tmp_path, env, monkeypatch):
+    from flame.train import trainer
+    real = trainer.Trainer.inputs
+    calls = []
+
+    def poisoned(self, batch):     # the third micro-batch's latents hold a NaN
+        lat, ctx = real(self, batch)
+        calls.append(1)
+        if len(calls) == 3:
+            lat = lat.copy()
+            lat[0, 0, 0, 0] = np.nan
+        return lat, ctx
+    monkeypatch.setattr(trainer.Trainer, "inputs", poisoned)
+    folder = tmp_path / "qs"
+    rc, said = main(["--quickstart", str(folder), *ARGS, "--set", f"train.nonfinite={policy}"], env)
+    recs = [json.loads(ln) for ln in (folder / "output" / "metrics.jsonl").read_text().splitlines()]
+    if policy == "stop":
+        assert rc == 1
+        assert "step 3: the loss is nan" in said and "learning rate" in said
+        assert "Last saved LoRA: " + str(folder / "output" / "flamequick-step000002.safetensors") in said
+        assert [r["step"] for r in recs] == [1, 2]
+        return
+    assert rc == 0, said
+    assert "step 3: the loss is nan" in said and "update skipped" in said
+    assert recs[2] == {**recs[2], "loss": None, "skipped": True}
+    assert all(np.isfinite(r["loss"]) for r in recs if r["step"] != 3) and len(recs) == STEPS
+    lora = load_safetensors(str(folder / "output" / "flamequick.safetensors"))
+    assert all(np.isfinite(np.array(v, np.float32)).all() for v in lora.values())
+
+
+def test_check_plans_what_the_run_uses(reference, env, monkeypatch):
+    """--check's dataset figures and planned arena per training graph equal those of the
+    run's own compiled step (the 64x64 graph is in the shared kernel cache by now)."""
+    from flame.train import config, trainer
+    from flame.train.check import dry_run
+    monkeypatch.setenv("FLAME_CACHE_DIR", env["FLAME_CACHE_DIR"])
+    folder = reference[0]
+    sets = [a for a in ARGS if a != "--set"]
+    cfg = config.load(folder / "quickstart.toml", sets, output=str(folder / "check-out"))
+    lines = []
+    figures = dry_run(cfg, "quickstart.toml", lines.append)
+    said = "\n".join(lines)
+    assert "no weights are read" in said and "captions: 12 of 12" in said
+    tr = trainer.Trainer(cfg, "quickstart.toml", quiet=True)
+    tr.prepare()
+    assert figures["images"] == len(tr.ds.records) and figures["skipped"] == len(tr.ds.skipped)
+    assert figures["buckets"] == {"64x64": 120}
+    assert figures["micro_batches_per_epoch"] == len(trainer.data.epoch_batches(tr.ds, cfg, 0))
+    (plan,) = figures["plans"]
+    assert (plan["bucket"], plan["batch"]) == ("64x64", 2)
+    c = tr.step.compile_for((2, 4, 32, 32), (2, 77, 32))
+    assert plan["arena"] == c.runner.plan.peak > 0
+    assert plan["kernels"] == len(c.runner.steps)
+    tr.log.close()
+    # and from the command line
+    rc, out = main(["--quickstart", str(folder), *ARGS, "--check"], env)
+    assert rc == 0 and "arena" in out and "check done" in out

@@ -250,3 +250,34 @@ def test_train_step_rejects_bad_timesteps():
     step = build_train_step(fm, [fm.lora_down, fm.lora_up], backend="interp")
     with pytest.raises(ValueError, match="timesteps must be integers"):
         step(rand(2, 4, 4, 4), rand(2, 3, 6), np.array([0.5, 3.0]), 0, 1e-4, 1)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_nonfinite_step_leaves_weights_and_moments_unchanged(grad_accum):
+    flame.manual_seed(int(rng.integers(1 << 30)))
+    fm = Denoiser()
+    params = dict(fm.named_parameters())
+    train = {k: params[k] for k in TRAINABLE}
+    step = build_train_step(fm, train, obj.ObjectiveConfig(),
+                            AdamWConfig(grad_accum=grad_accum, skip_nonfinite=True), backend="cpu")
+    ctx = rand(2, 7, 6)
+    t = np.array([10, 500])
+
+    def state():
+        return {k: p.data.copy() for k, p in {**train, **{f"m.{k}": p for k, p in step.opt.m.items()},
+                                               **{f"v.{k}": p for k, p in step.opt.v.items()}}.items()}
+
+    for _ in range(grad_accum):
+        step(rand(2, 4, 6, 5), ctx, t, 1, 1e-2, 1)
+    before = state()
+    bad = rand(2, 4, 6, 5)
+    bad[1, 2, 3, 4] = np.nan
+    losses = [step(bad if i == 0 else rand(2, 4, 6, 5), ctx, t, 2, 1e-2, 2) for i in range(grad_accum)]
+    assert np.isnan(losses[0]) and not np.isfinite(step.last_grad_norm)
+    after = state()
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    for _ in range(grad_accum):       # a finite step afterwards updates again
+        loss = step(rand(2, 4, 6, 5), ctx, t, 3, 1e-2, 3)
+    assert np.isfinite(loss) and np.isfinite(step.last_grad_norm)
+    assert not np.array_equal(train["lora_down"].data, before["lora_down"])

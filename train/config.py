@@ -109,6 +109,9 @@ KEYS: dict[str, dict[str, Key]] = {
         "eps": Key(float, 1e-8, "AdamW epsilon", gt=0),
         "weight_decay": Key(float, 1e-2, "AdamW decoupled weight decay", min=0),
         "max_grad_norm": Key(float, 1.0, "clip gradients to this global norm (0: off)", min=0),
+        "nonfinite": Key(("stop", "skip"), "stop", "a step whose loss or gradients are NaN or infinite "
+                         "never changes the weights; then stop the run (stop) or go on (skip; it still "
+                         "stops after 10 such steps in a row)"),
         "prediction": Key(("epsilon", "v_prediction"), "epsilon", "what the UNet predicts"),
         "min_snr_gamma": Key(float, 0.0, "min-SNR-gamma loss weighting (0: off; 5 is usual)", min=0),
         "noise_offset": Key(float, 0.0, "weight of a per-channel noise offset (0: off)", min=0),

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import flame
+from flame.ir.ops import where
 from flame.ir.tensor import Tensor
 from flame.ir.tracer import current
 from flame.nn.module import Parameter
@@ -39,6 +40,9 @@ class AdamWConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
     grad_accum: int = 1
+    # a step whose gradients hold a NaN or inf leaves the weights and moments as they were
+    # (in the graph: the loss is still reported, and the host decides to stop or go on)
+    skip_nonfinite: bool = False
 
     def __post_init__(self):
         where = "train/optim.py AdamWConfig"
@@ -199,14 +203,18 @@ class AdamW:
         bc2_sqrt, grad_scale = rows[0][2], rows[0][3]
         grads = [g * grad_scale for g in grads]
         sq = [(g * g).sum() for g in grads]
-        total = sq[0]
-        for s in sq[1:]:
-            total = total + s
-        norm = total.sqrt()
+        # summed as a balanced tree: SD 1.5's 512 LoRA tensors as one chain of adds fuse into
+        # a kernel whose expression is too deep for the code generator to emit
+        while len(sq) > 1:
+            sq = [a + b for a, b in zip(sq[0::2], sq[1::2])] + sq[len(sq) // 2 * 2:]
+        norm = sq[0].sqrt()
         if self.cfg.max_grad_norm:
             # torch.nn.utils.clip_grad_norm_: scale by min(1, max / (norm + 1e-6))
             coef = (float(self.cfg.max_grad_norm) / (norm + 1e-6)).minimum(1.0)
             grads = [g * coef for g in grads]
+        # NaN < x is false: `finite` holds only when every gradient is finite (a float32 sum of
+        # squares below 3e38; no inf literal in generated source)
+        finite = norm < 3.0e38 if self.cfg.skip_nonfinite else None
         out = {}
         for (k, p), g in zip(self.params.items(), grads):
             decay, step_size = rows[self.group[k]][0], rows[self.group[k]][1]
@@ -215,8 +223,10 @@ class AdamW:
             m1 = m.tensor() + (g - m.tensor()) * (1.0 - b1)       # torch: exp_avg.lerp_(g, 1 - b1)
             v1 = v.tensor() * b2 + g * g * (1.0 - b2)
             denom = v1.sqrt() / bc2_sqrt + float(self.cfg.eps)
-            newp = pt.cast("f32") * decay - step_size * (m1 / denom)
-            out[graph_name(p)] = newp.cast(p.dtype)
+            newp = (pt.cast("f32") * decay - step_size * (m1 / denom)).cast(p.dtype)
+            if finite is not None:
+                newp, m1, v1 = where(finite, newp, pt), where(finite, m1, m.tensor()), where(finite, v1, v.tensor())
+            out[graph_name(p)] = newp
             out[graph_name(m)] = m1
             out[graph_name(v)] = v1
         return out, norm

@@ -68,23 +68,33 @@ class TrainStep:
         return (flame.spec(latents_shape, latents_dtype), flame.spec(text_shape, text_dtype),
                 flame.spec((b,), "i64"), flame.spec((), "i64"))
 
-    def compile_for(self, latents_shape, text_shape, latents_dtype="f32", text_dtype="f32"):
-        """The compiled graph for one bucket shape (traced and compiled on first request)."""
+    def _what(self, latents_shape, text_shape, latents_dtype, text_dtype):
+        """(cache key, function, specs) of one bucket shape's graph."""
         accum = self.opt.cfg.grad_accum > 1
         latents_dtype, text_dtype = as_dtype(latents_dtype).name, as_dtype(text_dtype).name
         key = ("accumulate" if accum else "fused", tuple(latents_shape), tuple(text_shape),
                latents_dtype, text_dtype)
+        specs = self._specs(latents_shape, text_shape, latents_dtype, text_dtype)
+        if accum:
+            return key, self._accumulate, specs
+        return key, self._fused, (*specs, flame.spec(self.opt.hyper_shape, "f32"))
+
+    def compile_for(self, latents_shape, text_shape, latents_dtype="f32", text_dtype="f32"):
+        """The compiled graph for one bucket shape (traced and compiled on first request)."""
+        key, fn, specs = self._what(latents_shape, text_shape, latents_dtype, text_dtype)
         c = self.compiled.get(key)
         if c is None:
-            specs = self._specs(latents_shape, text_shape, latents_dtype, text_dtype)
-            if accum:
-                c = flame.compile(self._accumulate, *specs, backend=self.backend,
-                                  options=self.options, param_updates=True)
-            else:
-                c = flame.compile(self._fused, *specs, flame.spec(self.opt.hyper_shape, "f32"), backend=self.backend,
-                                  options=self.options, param_updates=True)
+            c = flame.compile(fn, *specs, backend=self.backend, options=self.options, param_updates=True)
             self.compiled[key] = c
         return c
+
+    def plan_for(self, latents_shape, text_shape, latents_dtype="f32", text_dtype="f32"):
+        """The schedule compile_for would run (kernels, arena plan), compiling nothing."""
+        _, fn, specs = self._what(latents_shape, text_shape, latents_dtype, text_dtype)
+        traces = self.traces
+        sched = flame.plan(fn, *specs, backend=self.backend, options=self.options)
+        self.traces = traces          # a plan is not a compiled graph
+        return sched
 
     def _apply_graph(self):
         c = self.compiled.get(("apply",))

@@ -31,7 +31,8 @@ from flame.models import load_text_encoder, load_tokenizer, load_unet, load_vae
 from flame.models.checkpoint import metadata as read_metadata
 from flame.models.configs import SD15_UNET, SD15_VAE, TINY_UNET, TINY_VAE
 from flame.models.configs_clip import SD15_TEXT, TINY_TEXT
-from flame.train import caches, data, state
+from flame.ir.printer import fmt_bytes
+from flame.train import caches, data, plot, state
 from flame.train.config import check_paths, to_toml
 from flame.train.export import save_lora
 from flame.train.lora import inject_lora, inject_lora_text_encoder, lora_parameters
@@ -41,6 +42,7 @@ from flame.train.schedule import ScheduleConfig, lr_at
 from flame.train.step import TrainStep
 
 ARCHITECTURES = {"sd15": (SD15_UNET, SD15_VAE, SD15_TEXT), "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT)}
+MAX_SKIPPED_IN_ROW = 10     # train.nonfinite = "skip" still stops after this many in a row
 LATENT_SETTINGS = {"pixels": "rgb8-lanczos-[-1,1]", "latent": "mean*scaling_factor", "dtype": "float32"}
 
 
@@ -162,14 +164,39 @@ def add_lora(models: Models, cfg: dict, log):
         + ("; text encoder too" if n["train_text_encoder"] else "") + ")")
 
 
+def make_train_step(m: Models, cfg: dict, backend: str) -> TrainStep:
+    """The run's compiled step (compiled per bucket shape on first use): UNet LoRA, and the
+    text encoder's LoRA in its own learning-rate group when it is trained."""
+    t = cfg["train"]
+    trainable = {**m.unet_params, **m.te_params}
+    groups = {k: 1 for k in m.te_params} if m.te_params else None
+    ocfg = ObjectiveConfig(prediction=t["prediction"], min_snr_gamma=t["min_snr_gamma"] or None,
+                           noise_offset=t["noise_offset"], t_min=t["timestep_min"], t_max=t["timestep_max"])
+    acfg = AdamWConfig(betas=tuple(t["betas"]), eps=t["eps"], weight_decay=t["weight_decay"],
+                       max_grad_norm=t["max_grad_norm"] or None, grad_accum=t["grad_accum"],
+                       skip_nonfinite=True)   # a NaN step never reaches the weights
+    if m.te_params:
+        unet, te = m.unet, m.text_encoder
+
+        def model(x, timesteps, ids):
+            return unet(x, timesteps, te(ids))
+    else:
+        model = m.unet
+    return TrainStep(model, trainable, ocfg, acfg, backend, groups=groups)
+
+
 def vae_factor(vae) -> int:
     """Pixels per latent side: 8 for SD's VAE (three downsamplings)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def check_bucket_shapes(ds, unet, vae, ckpt):
+    check_bucket_shapes_of(ds, unet.config, vae.config, ckpt)
+
+
+def check_bucket_shapes_of(ds, unet_cfg, vae_cfg, ckpt):
     """Every bucket's sides must survive the VAE's and then the UNet's downsamplings."""
-    v, u = vae_factor(vae), 2 ** (len(unet.config.block_out_channels) - 1)
+    v, u = 2 ** (len(vae_cfg.block_out_channels) - 1), 2 ** (len(unet_cfg.block_out_channels) - 1)
     for (w, h) in ds.buckets:
         if w % (v * u) or h % (v * u):
             raise TrainError(f"bucket {w}x{h}: sides must be multiples of {v * u} for this model ({ckpt}: "
@@ -251,7 +278,8 @@ class Trainer:
         out = cfg["save"]["output_dir"]
         os.makedirs(out, exist_ok=True)
         self.paths = {k: os.path.join(out, f) for k, f in
-                      (("log", "train.log"), ("metrics", "metrics.jsonl"), ("config", "config.toml"))}
+                      (("log", "train.log"), ("metrics", "metrics.jsonl"), ("config", "config.toml"),
+                       ("curve", "loss.png"))}
         self.log = Log(self.paths["log"], quiet)
         self.quiet = quiet
 
@@ -314,23 +342,9 @@ class Trainer:
                 log(f"  {e}")
 
     def _build_step(self):
-        cfg, m = self.cfg, self.models
-        t = cfg["train"]
-        trainable = {**m.unet_params, **m.te_params}
-        groups = {k: 1 for k in m.te_params} if m.te_params else None
-        ocfg = ObjectiveConfig(prediction=t["prediction"], min_snr_gamma=t["min_snr_gamma"] or None,
-                               noise_offset=t["noise_offset"], t_min=t["timestep_min"], t_max=t["timestep_max"])
-        acfg = AdamWConfig(betas=tuple(t["betas"]), eps=t["eps"], weight_decay=t["weight_decay"],
-                           max_grad_norm=t["max_grad_norm"] or None, grad_accum=t["grad_accum"])
-        if m.te_params:
-            unet, te = m.unet, m.text_encoder
-
-            def model(x, timesteps, ids):
-                return unet(x, timesteps, te(ids))
-        else:
-            model = m.unet
-        self.objective = ocfg
-        self.step = TrainStep(model, trainable, ocfg, acfg, self.backend, groups=groups)
+        self.step = make_train_step(self.models, self.cfg, self.backend)
+        self.objective = self.step.objective
+        t = self.cfg["train"]
         self.schedule = ScheduleConfig(lr=t["lr"], name=t["lr_scheduler"], warmup_steps=t["warmup_steps"],
                                        total_steps=t["steps"])
 
@@ -425,6 +439,9 @@ class Trainer:
         sp = state.state_path(sv["output_dir"], sv["name"], position["step"])
         state.save_state(sp, {k: p.data for k, p in opt.params.items()}, opt.state_dict(), position, self.cfg)
         self._last_saved = lora_path
+        self._metrics_file.flush()
+        plot.write_loss_curve(self.paths["metrics"], self.paths["curve"],
+                              f"{sv['name']}: loss per step (blue: moving average)")
         return sp
 
     def resume_from(self, path: str) -> dict:
@@ -489,9 +506,10 @@ class Trainer:
         smooth = position["smooth"]
         stop = Interrupts(lambda: self.log.quiet_line(
             bar, "  interrupted: finishing this step, then saving (press Ctrl-C again to stop at once)"))
-        opt_step = position["step"]
+        opt_step, skipped_in_row = position["step"], 0
         try:
             with stop, open(self.paths["metrics"], "a", encoding="utf-8") as metrics:
+                self._metrics_file = metrics
                 for opt_step in range(position["step"] + 1, t["steps"] + 1):
                     lr = self.lrs(opt_step)
                     step_losses = []
@@ -509,24 +527,40 @@ class Trainer:
                         loss = self.step(lat, ctx, ts, micro_seed(t["seed"], 3, micro), lr, opt_step)
                         if len(self.step.compiled) != key_before:
                             w, h = self.ds.records[batch[0].record].bucket
+                            c = list(self.step.compiled.values())[-1]
                             self.log.quiet_line(bar, f"  compiled the training step for bucket {w}x{h}, batch "
-                                                     f"{len(batch)} ({time.time() - t0:.1f} s)")
+                                                     f"{len(batch)} ({time.time() - t0:.1f} s; arena "
+                                                     f"{fmt_bytes(c.runner.plan.peak)} planned)")
                         micro += 1
                         step_losses.append(loss)
-                        if not math.isfinite(loss):
-                            raise TrainError(
-                                f"step {opt_step}: the loss is {loss} (learning rate {lr}); stopping. "
-                                f"Last saved LoRA: {self._last_saved or 'none yet'}. Lower train.lr or "
-                                f"set train.max_grad_norm.")
                     loss = float(np.mean(step_losses))
-                    losses.append(loss)
-                    smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+                    finite = math.isfinite(loss) and math.isfinite(self.step.last_grad_norm)
+                    if not finite:
+                        # the compiled update left the weights and moments unchanged
+                        what = (f"step {opt_step}: the loss is {loss}, the gradient norm "
+                                f"{self.step.last_grad_norm} (learning rate {lr})")
+                        skipped_in_row += 1
+                        if t["nonfinite"] == "stop" or skipped_in_row >= MAX_SKIPPED_IN_ROW:
+                            why = ("" if t["nonfinite"] == "stop" else
+                                   f"; {skipped_in_row} steps in a row were not finite")
+                            raise TrainError(f"{what}; stopping{why}. Last saved LoRA: "
+                                             f"{self._last_saved or 'none yet'}. Lower train.lr, set "
+                                             "train.max_grad_norm, or train.nonfinite = \"skip\".")
+                        self.log.quiet_line(bar, f"  {what}: update skipped (train.nonfinite = \"skip\")")
+                    else:
+                        skipped_in_row = 0
+                        losses.append(loss)
+                        smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
                     lr0 = lr if not isinstance(lr, list) else lr[0]
-                    rec = {"step": opt_step, "loss": loss, "lr": lr, "grad_norm": self.step.last_grad_norm,
+                    rec = {"step": opt_step, "loss": loss if finite else None, "lr": lr,
+                           "grad_norm": self.step.last_grad_norm if finite else None,
                            "epoch": epoch, "time": round(time.time() - started, 3)}
+                    if not finite:
+                        rec["skipped"] = True
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
-                    bar.set_postfix_str(f"loss {smooth:.4f} lr {lr0:.2e}", refresh=False)
+                    if smooth is not None:
+                        bar.set_postfix_str(f"loss {smooth:.4f} lr {lr0:.2e}", refresh=False)
                     bar.update(1)
                     here = {"step": opt_step, "epoch": epoch, "pos": pos, "micro": micro, "smooth": smooth}
                     last = opt_step == t["steps"]
@@ -552,12 +586,20 @@ class Trainer:
         n = len(losses)
         if n:
             first, last = np.mean(losses[:max(1, n // 5)]), np.mean(losses[-max(1, n // 5):])
-            log(f"done: {n} steps in {secs:.1f} s ({n * t['grad_accum'] / secs:.2f} micro-batches/s); "
-                f"loss {first:.4f} (first fifth) -> {last:.4f} (last fifth)")
+            images = sum(len(b) for b in batches) / max(len(batches), 1) * n * t["grad_accum"]
+            log(f"done: {n} steps in {secs:.1f} s ({n * t['grad_accum'] / secs:.2f} micro-batches/s, "
+                f"about {images / secs:.2f} images/s); loss {first:.4f} (first fifth) -> {last:.4f} (last fifth)")
+        if self.step.compiled:
+            arena = max(c.runner.plan.peak for c in self.step.compiled.values())
+            params = {id(p): p for c in self.step.compiled.values() for p in c.graph.params.values()}
+            weights = sum(p.data.nbytes for p in params.values())
+            log(f"memory: largest training graph's arena {fmt_bytes(arena)}, weights and optimizer state "
+                f"{fmt_bytes(weights)} ({self.backend})")
         log(f"LoRA:    {final}")
         log(f"config:  {self.paths['config']}")
         log(f"log:     {self.paths['log']}")
         log(f"metrics: {self.paths['metrics']}")
+        log(f"curve:   {self.paths['curve']}")
         return Result(final, sv["output_dir"], self.paths["log"], self.paths["metrics"], self.paths["config"],
                       losses, t["steps"], secs, self.backend)
 

@@ -1,6 +1,6 @@
 """flame-train: the LoRA trainer's command line.
 
-    flame-train CONFIG.toml [--set section.key=value ...] [--output DIR] [--resume] [--quiet]
+    flame-train CONFIG.toml [--set section.key=value ...] [--output DIR] [--resume] [--check] [--quiet]
     flame-train --quickstart [--output DIR] [--set ...]
 
 --quickstart needs nothing downloaded: it writes a small synthetic captioned image set, a small
@@ -83,6 +83,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest training state in the output folder (saved every "
                         "save.every_steps steps, at the end and on Ctrl-C); the config must be the same but for [save]")
+    p.add_argument("--check", action="store_true",
+                   help="a dry run: validate the config, scan the images, count the steps and plan each "
+                        "training graph's memory, without reading weights or training")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages (the log file still gets them)")
     return p
 
@@ -106,6 +109,11 @@ def main(argv=None) -> int:
             print("flame-train: give a config file (see docs/TRAINING.md), or try --quickstart", file=sys.stderr)
             return 2
         cfg = cfgmod.load(path, args.set, args.output)
+        if args.check:
+            from flame.train.check import dry_run
+            from flame.train.trainer import Log
+            dry_run(cfg, path, Log(None, args.quiet))
+            return 0
         result = run(cfg, source=path, quiet=args.quiet, resume=args.resume)
         if result.interrupted:
             return 130

@@ -175,7 +175,11 @@ class Module:
             if p.requires_grad or not p.dtype.is_float:
                 continue
             if p.dtype is not d:
-                p.data = np.asarray(p.data, np.float32).astype(d.np)
+                a = p.data
+                if a.size > 1 and not any(a.strides):   # a shape_only() placeholder: stays one zero
+                    p.data = np.broadcast_to(np.zeros((), d.np), a.shape)
+                else:
+                    p.data = np.asarray(a, np.float32).astype(d.np)
                 n += 1
             p.__dict__["compute_dtype"] = None if d is cd else cd
         return n
