@@ -30,6 +30,9 @@ from flame.train.lora import inject_lora  # noqa: E402
 from flame.train.quickstart_assets import CHECKPOINT_NAME, REPEATS, TRIGGER  # noqa: E402
 
 STEPS = 16
+PROMPTS = ["flamequick, a red circle on a blue background", "flamequick, green and yellow stripes"]
+SAMPLE = ["--set", f"sample.prompts={PROMPTS}".replace("'", '"'), "--set", "sample.steps=3",
+          "--set", "sample.every_steps=8", "--set", "sample.width=64", "--set", "sample.height=48"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def run(tmp_path_factory, train_cache_dir):
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             rc = cli.main(["--quickstart", str(root / "qs"), "--set", f"train.steps={STEPS}",
-                           "--set", "train.warmup_steps=2"])
+                           "--set", "train.warmup_steps=2", *SAMPLE])
     finally:
         if old is None:
             os.environ.pop("FLAME_CACHE_DIR")
@@ -55,8 +58,8 @@ def run(tmp_path_factory, train_cache_dir):
 
 def test_writes_everything_and_the_loss_falls(run):
     out = run["root"] / "output"
-    assert sorted(os.listdir(out)) == ["config.toml", "flamequick.safetensors", "loss.png", "metrics.jsonl", "state",
-                                       "train.log"]
+    assert sorted(os.listdir(out)) == ["config.toml", "flamequick.safetensors", "loss.png", "metrics.jsonl",
+                                       "samples", "state", "train.log"]
     assert os.listdir(out / "state") == [f"flamequick-step{STEPS:06d}.state.safetensors"]
     assert (run["root"] / "quickstart.toml").is_file()
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -142,3 +145,38 @@ def test_diffusers_loader_changes_the_unet_as_flame_does(run):
     delta_t, delta_f = u1 - u0, f1 - f0
     assert np.abs(delta_t).max() > 1e-3 * np.abs(u0).max()   # the LoRA does change the output
     assert rel(delta_f, delta_t) < 1e-2
+
+
+def pixels(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), np.int16)
+
+
+def test_samples_during_training_and_from_the_saved_lora(run, train_cache_dir):
+    samples = run["root"] / "output" / "samples"
+    want = sorted(f"step{s:06d}-{i}.png" for s in (8, STEPS) for i in ("0", "1", "grid"))
+    assert sorted(os.listdir(samples)) == want
+    ims = {f: pixels(samples / f) for f in want}
+    for f, a in ims.items():
+        if "grid" not in f:
+            assert a.shape == (48, 64, 3), f
+    end = [ims[f"step{STEPS:06d}-{i}.png"] for i in (0, 1)]
+    assert np.abs(end[0] - end[1]).mean() > 1            # the prompt matters
+    assert np.abs(end[0] - ims["step000008-0.png"]).mean() > 0.1   # so does the LoRA's training
+    # flame-train sample with the saved (fp16) LoRA renders what the run rendered at its end
+    old = os.environ.get("FLAME_CACHE_DIR")
+    os.environ["FLAME_CACHE_DIR"] = str(train_cache_dir)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = cli.main(["sample", str(run["root"] / "quickstart.toml"), "--lora", str(run["lora"]),
+                           "--output", str(run["root"] / "rendered"), *SAMPLE])
+    finally:
+        if old is None:
+            os.environ.pop("FLAME_CACHE_DIR")
+        else:
+            os.environ["FLAME_CACHE_DIR"] = old
+    assert rc == 0
+    again = [pixels(run["root"] / "rendered" / "samples" / f"flamequick-{i}.png") for i in (0, 1)]
+    for a, b in zip(again, end):
+        assert a.shape == b.shape and np.abs(a - b).mean() < 1.0    # fp16-saved weights: nearly equal

@@ -87,8 +87,8 @@ def build_step(cfg: dict, backend: str, unet_cfg, text_cfg):
 
 
 def param_bytes(graph) -> int:
-    return sum(int(p.data.nbytes) if any(p.data.strides) or p.data.size <= 1
-               else int(p.data.size) * p.data.itemsize for p in graph.params.values())
+    """Bytes the graph's weights will take (nbytes counts a placeholder's full size)."""
+    return sum(int(p.data.nbytes) for p in graph.params.values())
 
 
 def dry_run(cfg: dict, source: str, log) -> dict:

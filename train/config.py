@@ -6,6 +6,7 @@
     [buckets]  aspect-ratio buckets: resolution, step, min/max side, upscale, crop
     [network]  LoRA rank/alpha, conv LoRA, text-encoder LoRA
     [train]    steps, batch, learning rate and schedule, AdamW, objective, backend, seed
+    [sample]   prompts rendered during training: sampler, steps, guidance, seed, size
     [save]     output folder, file name, dtype, periodic saves
 
 docs/TRAINING.md is the user's reference; `KEYS` below is the source of truth (the doc's
@@ -125,6 +126,17 @@ KEYS: dict[str, dict[str, Key]] = {
         "cache_latents": Key(bool, True, "encode each image once and keep its latents on disk"),
         "cache_dir": Key(str, None, "where latent and text caches live (default: "
                          "$FLAME_CACHE_DIR or ~/.cache/flame, then train/)", optional=True),
+    },
+    "sample": {
+        "prompts": Key(list, [], "prompts to render during training and at the end (empty: no sampling)"),
+        "negative_prompt": Key(str, "", "the negative prompt of classifier-free guidance"),
+        "sampler": Key(("ddim", "euler"), "ddim", "DDIM (eta 0) or Euler, as diffusers' schedulers for SD 1.x"),
+        "steps": Key(int, 20, "denoising steps per image", min=1, max=200),
+        "guidance_scale": Key(float, 7.5, "classifier-free guidance scale (1: prompt only)", min=0),
+        "seed": Key(int, 0, "seed of each image's start noise (the same for every prompt and step)", min=0),
+        "width": Key(int, None, "image width (default: buckets.resolution)", min=8, optional=True),
+        "height": Key(int, None, "image height (default: buckets.resolution)", min=8, optional=True),
+        "every_steps": Key(int, 0, "also render every N steps (0: only at the end)", min=0),
     },
     "save": {
         "output_dir": Key(str, "output", "where the LoRA, the log and the resolved config go "
@@ -331,12 +343,19 @@ def _cross_checks(cfg: dict, source: str):
             raise ConfigError(f"{source}: data[{i}].missing_caption = \"trigger\" needs data[{i}].trigger")
         if not d["caption_extension"].startswith("."):
             d["caption_extension"] = "." + d["caption_extension"]
+    sm = cfg["sample"]
+    if not all(isinstance(p, str) for p in sm["prompts"]):
+        raise ConfigError(f"{source}: sample.prompts = {sm['prompts']!r}: a list of strings, e.g. [\"a photo of mything\"]")
+    for k in ("width", "height"):
+        if sm[k] is not None and sm[k] % 8:
+            raise ConfigError(f"{source}: sample.{k} = {sm[k]} must be a multiple of 8 (the VAE's factor)")
     if not sv["name"] or os.sep in sv["name"] or sv["name"] in (".", ".."):
         raise ConfigError(f"{source}: save.name = {sv['name']!r} must be a plain file name")
 
 
-def check_paths(cfg: dict, source: str = "config"):
-    """The files and folders the run reads exist (checked before anything is loaded)."""
+def check_paths(cfg: dict, source: str = "config", data: bool = True):
+    """The files and folders the run reads exist (checked before anything is loaded); with
+    data=False the image folders are not needed (sampling)."""
     m = cfg["model"]
     if not os.path.exists(m["checkpoint"]):
         raise ConfigError(f"{source}: model.checkpoint = {m['checkpoint']}: no such file or folder")
@@ -351,7 +370,7 @@ def check_paths(cfg: dict, source: str = "config"):
         raise ConfigError(f"{source}: model.tokenizer is not set and {m['checkpoint']} has no tokenizer/ "
                           "folder (single-file checkpoints carry none): point model.tokenizer at a "
                           "folder with vocab.json + merges.txt (SD 1.5's tokenizer/)")
-    for i, d in enumerate(cfg["data"]):
+    for i, d in enumerate(cfg["data"] if data else []):
         if not os.path.isdir(d["path"]):
             raise ConfigError(f"{source}: data[{i}].path = {d['path']}: no such folder")
 

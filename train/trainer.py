@@ -32,7 +32,7 @@ from flame.models.checkpoint import metadata as read_metadata
 from flame.models.configs import SD15_UNET, SD15_VAE, TINY_UNET, TINY_VAE
 from flame.models.configs_clip import SD15_TEXT, TINY_TEXT
 from flame.ir.printer import fmt_bytes
-from flame.train import caches, data, plot, state
+from flame.train import caches, data, plot, sample, state
 from flame.train.config import check_paths, to_toml
 from flame.train.export import save_lora
 from flame.train.lora import inject_lora, inject_lora_text_encoder, lora_parameters
@@ -185,6 +185,24 @@ def make_train_step(m: Models, cfg: dict, backend: str) -> TrainStep:
     return TrainStep(model, trainable, ocfg, acfg, backend, groups=groups)
 
 
+def sample_size(cfg: dict) -> tuple[int, int]:
+    sm, res = cfg["sample"], cfg["buckets"]["resolution"]
+    return (sm["width"] or res, sm["height"] or res)
+
+
+def make_sampler(m: Models, encoders, cfg: dict, backend: str):
+    """A Sampler over the run's UNet (LoRA included) and VAE, or None without prompts."""
+    if not cfg["sample"]["prompts"]:
+        return None
+    w, h = sample_size(cfg)
+    f = vae_factor(m.vae) * 2 ** (len(m.unet.config.block_out_channels) - 1)
+    if w % f or h % f:
+        raise TrainError(f"sample size {w}x{h}: sides must be multiples of {f} for this model "
+                         "(set sample.width / sample.height)")
+    return sample.Sampler(m.unet, m.vae, lambda p: encoders.text(m.tokenizer.encode([p])),
+                          cfg["train"]["prediction"], backend)
+
+
 def vae_factor(vae) -> int:
     """Pixels per latent side: 8 for SD's VAE (three downsamplings)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
@@ -305,6 +323,7 @@ class Trainer:
             self.models.unet.store_frozen_as(base_dtype)
             self.models.text_encoder.store_frozen_as(base_dtype)
         self._build_step()
+        self.sampler = make_sampler(self.models, self.encoders, cfg, self.backend)
 
     def _build_caches(self):
         cfg, log, m = self.cfg, self.log, self.models
@@ -426,6 +445,14 @@ class Trainer:
     def save(self, path: str, started: float, step: int, epoch: int) -> str:
         save_lora(path, self.models.lora, self.metadata(started, step, epoch), self.cfg["save"]["dtype"])
         return path
+
+    def render(self, step: int, say) -> list[str]:
+        """The [sample] prompts with the LoRA as it is now, into samples/step<N>-<i>.png."""
+        t0 = time.time()
+        paths = sample.render(self.sampler, self.cfg["sample"], os.path.join(self.cfg["save"]["output_dir"], "samples"),
+                              f"step{step:06d}", sample_size(self.cfg))
+        say(f"  samples at step {step}: {paths[-1]} ({time.time() - t0:.1f} s)")
+        return paths
 
     def periodic_lora(self, step: int) -> str:
         sv = self.cfg["save"]
@@ -573,6 +600,9 @@ class Trainer:
                         return Result(p, sv["output_dir"], self.paths["log"], self.paths["metrics"],
                                       self.paths["config"], losses, opt_step, time.time() - started,
                                       self.backend, interrupted=True)
+                    every = cfg["sample"]["every_steps"]
+                    if self.sampler and every and opt_step % every == 0 and not last:
+                        self.render(opt_step, lambda msg: self.log.quiet_line(bar, msg))
                     if sv["every_steps"] and opt_step % sv["every_steps"] == 0 and not last:
                         p = self.periodic_lora(opt_step)
                         self.checkpoint(p, started, here)
@@ -580,6 +610,8 @@ class Trainer:
                         for f in state.prune(sv["output_dir"], sv["name"], sv["keep_last"], self.periodic_lora):
                             self.log.quiet_line(bar, f"  removed {f} (save.keep_last = {sv['keep_last']})")
                 self.checkpoint(final, started, here)
+                if self.sampler:
+                    self.render(t["steps"], lambda msg: self.log.quiet_line(bar, msg))
         finally:
             bar.close()
         secs = time.time() - started
@@ -631,6 +663,38 @@ class Interrupts:
         for s, h in self.old.items():
             signal.signal(s, h)
         return False
+
+
+def render_lora(cfg: dict, lora_path: str, source: str = "config", quiet: bool = False) -> list[str]:
+    """`flame-train sample`: the [sample] prompts with a saved LoRA, without training; the
+    LoRA's ranks (and whether it has conv or text-encoder layers) are read from the file."""
+    from flame.train.export import apply_lora, load_lora
+    log = Log(None, quiet)
+    check_paths(cfg, source, data=False)
+    if not cfg["sample"]["prompts"]:
+        raise TrainError(f"{source}: sample.prompts is empty: nothing to render "
+                         "(e.g. --set 'sample.prompts=[\"a photo of mything\"]')")
+    backend, why = choose_backend(cfg["train"]["backend"])
+    log(f"backend: {backend} ({why})")
+    tensors, _ = load_lora(lora_path)
+    downs = {k.partition(".")[0]: v for k, v in tensors.items() if k.endswith("lora_down.weight")}
+    lin = [v.shape[0] for v in downs.values() if v.ndim == 2 or v.shape[2:] == (1, 1)]
+    conv = [v.shape[0] for v in downs.values() if v.ndim == 4 and v.shape[2:] != (1, 1)]
+    te = [v.shape[0] for k, v in downs.items() if k.startswith("lora_te")]
+    net = {**cfg["network"], "rank": max(set(lin), key=lin.count) if lin else 1,
+           "conv_rank": max(set(conv), key=conv.count) if conv else 0, "train_text_encoder": bool(te),
+           "text_encoder_rank": max(set(te), key=te.count) if te else None, "text_encoder_alpha": None}
+    models = load_models(cfg, log)
+    add_lora(models, {**cfg, "network": net}, log)
+    n = apply_lora(models.unet, models.text_encoder if te else None, lora_path)
+    log(f"applied {len(n)} LoRA layers from {lora_path}")
+    sampler = make_sampler(models, Encoders(models, backend, log), cfg, backend)
+    folder = os.path.join(cfg["save"]["output_dir"], "samples")
+    tag = os.path.splitext(os.path.basename(lora_path))[0]
+    paths = sample.render(sampler, cfg["sample"], folder, tag, sample_size(cfg))
+    for p in paths:
+        log(f"wrote {p}")
+    return paths
 
 
 def run(cfg: dict, source: str = "config", quiet: bool = False, resume: bool = False) -> Result:

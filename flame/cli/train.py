@@ -2,6 +2,7 @@
 
     flame-train CONFIG.toml [--set section.key=value ...] [--output DIR] [--resume] [--check] [--quiet]
     flame-train --quickstart [--output DIR] [--set ...]
+    flame-train sample CONFIG.toml --lora FILE [--set ...] [--output DIR]
 
 --quickstart needs nothing downloaded: it writes a small synthetic captioned image set, a small
 RANDOMLY initialised SD 1.x-structured checkpoint and a config file into DIR (default
@@ -72,7 +73,9 @@ def write_quickstart(folder: str) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flame-train", description="Train a Stable Diffusion 1.x LoRA on flame; "
-                                "the file it writes loads in ComfyUI, A1111 and diffusers.")
+                                "the file it writes loads in ComfyUI, A1111 and diffusers.",
+                                epilog="flame-train sample CONFIG --lora FILE renders the config's [sample] "
+                                       "prompts with a saved LoRA (flame-train sample --help).")
     p.add_argument("config", nargs="?", help="the run's TOML config (see docs/TRAINING.md)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=2e-4 --set train.steps=500 (repeatable)")
@@ -90,7 +93,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def sample_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flame-train sample", description="Render the config's [sample] prompts "
+                                "with a saved LoRA, without training.")
+    p.add_argument("config", help="the run's TOML config (its [model] and [sample] are used)")
+    p.add_argument("--lora", required=True, metavar="FILE", help="the LoRA .safetensors to apply")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set sample.steps=30 (repeatable)")
+    p.add_argument("--output", metavar="DIR", help="images go to DIR/samples (default: save.output_dir)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def sample_main(argv) -> int:
+    args = sample_parser().parse_args(argv)
+    from flame.train import config as cfgmod
+    from flame.train.trainer import render_lora
+    try:
+        cfg = cfgmod.load(args.config, args.set, args.output)
+        render_lora(cfg, os.path.abspath(args.lora), args.config, args.quiet)
+        return 0
+    except FlameError as e:
+        print(f"flame-train sample: error: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sample"]:
+        return sample_main(argv[1:])
     args = parser().parse_args(argv)
     from flame.train import config as cfgmod
     from flame.train.trainer import run

@@ -301,6 +301,10 @@ class CudaRunner:
         p.__dict__["_device_owner"] = self
         self._resident[input_id] = p
         self._param_input[id(p)] = input_id
+        # the values changed: a new version, which only this runner's buffer holds (another
+        # graph sharing p — another bucket's step, a sampler — must upload it before it runs)
+        p.__dict__["version"] = p.__dict__.get("version", 0) + 1
+        self._uploaded[input_id] = (id(p), p.__dict__["version"])
 
     def download_param(self, p) -> np.ndarray:
         out = self._d2h(self._param_input[id(p)])
