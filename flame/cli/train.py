@@ -52,6 +52,10 @@ warmup_steps = 10
 seed = 0
 backend = "auto"                       # cuda if a GPU is usable, else cpu
 
+# [sample]                             # uncomment for preview images (DDIM, 20 steps) every 30 steps
+# prompts = ["{trigger}, a red circle on a blue background", "{trigger}, green and yellow stripes"]
+# every_steps = 30
+
 [save]
 output_dir = "output"
 name = "flamequick"
