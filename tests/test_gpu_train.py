@@ -5,7 +5,6 @@ Skipped without an NVIDIA GPU."""
 import contextlib
 import io
 import json
-import os
 
 import numpy as np
 import pytest

@@ -293,7 +293,7 @@ def from_dict(raw: dict, source: str = "config", base_dir: str = ".") -> dict:
             cfg[s] = [_section(s, t, source, i) for i, t in enumerate(tables)]
         else:
             cfg[s] = _section(s, raw.get(s, {}), source)
-    m, b, n, t, sv = cfg["model"], cfg["buckets"], cfg["network"], cfg["train"], cfg["save"]
+    m, t, sv = cfg["model"], cfg["train"], cfg["save"]
     for k in ("checkpoint", "tokenizer", "vae"):
         m[k] = _abs(base_dir, m[k])
     for d in cfg["data"]:
@@ -305,7 +305,7 @@ def from_dict(raw: dict, source: str = "config", base_dir: str = ".") -> dict:
 
 
 def _cross_checks(cfg: dict, source: str):
-    m, b, n, t, sv = cfg["model"], cfg["buckets"], cfg["network"], cfg["train"], cfg["save"]
+    b, n, t, sv = cfg["buckets"], cfg["network"], cfg["train"], cfg["save"]
     betas = t["betas"]
     if len(betas) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1
                                   for x in betas):

@@ -9,17 +9,16 @@ moves data in and out.
 
 Outputs in save.output_dir: <name>.safetensors, <name>-step<N>.safetensors (every_steps,
 the newest keep_last kept), state/ (the training state of each of those, for --resume; see
-train/state.py), config.toml (the resolved config), train.log (what was printed),
-metrics.jsonl (one line per optimizer step). Ctrl-C or SIGTERM finishes the step and saves.
+train/state.py), samples/ (with [sample] prompts), loss.png, config.toml (the resolved config),
+train.log (what was printed), metrics.jsonl (one line per optimizer step). Ctrl-C or SIGTERM
+finishes the step and saves (train/interrupts.py).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -28,11 +27,11 @@ import numpy as np
 import flame
 from flame.ir.errors import FlameError
 from flame.models import load_text_encoder, load_tokenizer, load_unet, load_vae
-from flame.models.checkpoint import metadata as read_metadata
 from flame.models.configs import SD15_UNET, SD15_VAE, TINY_UNET, TINY_VAE
 from flame.models.configs_clip import SD15_TEXT, TINY_TEXT
 from flame.ir.printer import fmt_bytes
 from flame.train import caches, data, plot, sample, state
+from flame.train.interrupts import Interrupts
 from flame.train.config import check_paths, to_toml
 from flame.train.export import save_lora
 from flame.train.lora import inject_lora, inject_lora_text_encoder, lora_parameters
@@ -96,13 +95,6 @@ def micro_seed(seed: int, stream: int, micro: int) -> int:
     """A 63-bit integer that depends only on (seed, stream, micro-batch index)."""
     a, b = np.random.SeedSequence([int(seed), int(stream), int(micro)]).generate_state(2)
     return int((int(a) << 31) ^ int(b)) & ((1 << 62) - 1)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
 
 
 # ---------------------------------------------------------------- models
@@ -636,65 +628,6 @@ class Trainer:
                       losses, t["steps"], secs, self.backend)
 
     _last_saved = None
-
-
-class Interrupts:
-    """Inside `with`: the first SIGINT (Ctrl-C) or SIGTERM only sets `requested` (the loop
-    finishes its step and saves); a second SIGINT raises KeyboardInterrupt at once."""
-
-    def __init__(self, on_first):
-        self.requested = False
-        self.on_first = on_first
-        self.old = {}
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.on_first()
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-        return False
-
-
-def render_lora(cfg: dict, lora_path: str, source: str = "config", quiet: bool = False) -> list[str]:
-    """`flame-train sample`: the [sample] prompts with a saved LoRA, without training; the
-    LoRA's ranks (and whether it has conv or text-encoder layers) are read from the file."""
-    from flame.train.export import apply_lora, load_lora
-    log = Log(None, quiet)
-    check_paths(cfg, source, data=False)
-    if not cfg["sample"]["prompts"]:
-        raise TrainError(f"{source}: sample.prompts is empty: nothing to render "
-                         "(e.g. --set 'sample.prompts=[\"a photo of mything\"]')")
-    backend, why = choose_backend(cfg["train"]["backend"])
-    log(f"backend: {backend} ({why})")
-    tensors, _ = load_lora(lora_path)
-    downs = {k.partition(".")[0]: v for k, v in tensors.items() if k.endswith("lora_down.weight")}
-    lin = [v.shape[0] for v in downs.values() if v.ndim == 2 or v.shape[2:] == (1, 1)]
-    conv = [v.shape[0] for v in downs.values() if v.ndim == 4 and v.shape[2:] != (1, 1)]
-    te = [v.shape[0] for k, v in downs.items() if k.startswith("lora_te")]
-    net = {**cfg["network"], "rank": max(set(lin), key=lin.count) if lin else 1,
-           "conv_rank": max(set(conv), key=conv.count) if conv else 0, "train_text_encoder": bool(te),
-           "text_encoder_rank": max(set(te), key=te.count) if te else None, "text_encoder_alpha": None}
-    models = load_models(cfg, log)
-    add_lora(models, {**cfg, "network": net}, log)
-    n = apply_lora(models.unet, models.text_encoder if te else None, lora_path)
-    log(f"applied {len(n)} LoRA layers from {lora_path}")
-    sampler = make_sampler(models, Encoders(models, backend, log), cfg, backend)
-    folder = os.path.join(cfg["save"]["output_dir"], "samples")
-    tag = os.path.splitext(os.path.basename(lora_path))[0]
-    paths = sample.render(sampler, cfg["sample"], folder, tag, sample_size(cfg))
-    for p in paths:
-        log(f"wrote {p}")
-    return paths
 
 
 def run(cfg: dict, source: str = "config", quiet: bool = False, resume: bool = False) -> Result:

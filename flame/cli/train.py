@@ -112,7 +112,7 @@ def sample_parser() -> argparse.ArgumentParser:
 def sample_main(argv) -> int:
     args = sample_parser().parse_args(argv)
     from flame.train import config as cfgmod
-    from flame.train.trainer import render_lora
+    from flame.train.render import render_lora
     try:
         cfg = cfgmod.load(args.config, args.set, args.output)
         render_lora(cfg, os.path.abspath(args.lora), args.config, args.quiet)
