@@ -49,7 +49,7 @@ def main():
     from flame.train.step import TrainStep
 
     ucfg, vcfg, tcfg = (TINY_UNET, TINY_VAE, TINY_TEXT) if args.config == "tiny" else (SD15_UNET, SD15_VAE, SD15_TEXT)
-    f = 2 ** (len(vcfg.block_out_channels) - 1)
+    f = vcfg.downsampling
     b, h = args.batch, args.size // f
     rng = np.random.default_rng(0)
     flame.manual_seed(0)

@@ -102,7 +102,7 @@ def plan(fn, *args, backend="cpu", passes=None, options=None):
     if backend not in ("cpu", "cuda"):
         raise ValueError(f"plan: backend must be 'cpu' or 'cuda', not {backend!r}")
     from .codegen.schedule import make_schedule
+    from .runtime import cpu, cuda
     graph = optimize(trace(fn, *args), passes)
-    # the runners' block sizes: CpuRunner's 64, CudaRunner's option (256 by default)
-    block = int((options or {}).get("block", 256)) if backend == "cuda" else 64
+    block = int((options or {}).get("block", cuda.BLOCK)) if backend == "cuda" else cpu.BLOCK
     return make_schedule(graph, backend, block)

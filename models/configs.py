@@ -110,6 +110,11 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return self.block_out_channels[0] * 4
 
+    @property
+    def downsampling(self) -> int:
+        """Latent pixels per side of the lowest resolution (a 2x downsampler per block but the last)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
         """From a diffusers unet/config.json dict (unknown bookkeeping keys are ignored)."""
@@ -144,6 +149,11 @@ class VAEConfig:
         if self.down_block_types != ("DownEncoderBlock2D",) * n or self.up_block_types != ("UpDecoderBlock2D",) * n:
             raise ConfigError("VAE config: only DownEncoderBlock2D/UpDecoderBlock2D blocks are built, "
                               "one per block_out_channels entry")
+
+    @property
+    def downsampling(self) -> int:
+        """Image pixels per latent side: 8 for SD's VAE (three downsamplings)."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":

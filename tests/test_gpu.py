@@ -9,14 +9,8 @@ from flame.ir import ops
 
 
 def _have_gpu():
-    try:
-        from cuda.bindings import driver
-        if int(driver.cuInit(0)[0]) != 0:
-            return False
-        err, n = driver.cuDeviceGetCount()
-        return int(err) == 0 and n > 0
-    except Exception:
-        return False
+    from flame.runtime.device import cuda_available
+    return cuda_available()[0]
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _have_gpu(), reason="no NVIDIA GPU")]

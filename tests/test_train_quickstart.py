@@ -3,9 +3,7 @@ the loss falls; the LoRA file's keys, shapes, dtypes, alpha and metadata are koh
 (names and shapes from kohya's rule applied to diffusers' UNet, tag counts from the caption
 files); diffusers' own LoRA loader, given that file and the quickstart checkpoint converted by
 diffusers' single-file converter, changes the UNet output as flame's UNet-plus-LoRA does."""
-import contextlib
 import hashlib
-import io
 import json
 import os
 import struct
@@ -19,9 +17,9 @@ safetensors = pytest.importorskip("safetensors")
 import safetensors.torch  # noqa: E402
 from diffusers.loaders import single_file_utils as sf  # noqa: E402
 from lora_reference import kohya_reference  # noqa: E402
+from train_helpers import run_cli  # noqa: E402
 
 import flame  # noqa: E402
-from flame.cli import train as cli  # noqa: E402
 from flame.models import load_unet  # noqa: E402
 from flame.models.checkpoint import load_safetensors  # noqa: E402
 from flame.models.configs import TINY_UNET  # noqa: E402
@@ -38,21 +36,11 @@ SAMPLE = ["--set", f"sample.prompts={PROMPTS}".replace("'", '"'), "--set", "samp
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, train_cache_dir):
     root = tmp_path_factory.mktemp("quickstart")
-    old = os.environ.get("FLAME_CACHE_DIR")
-    os.environ["FLAME_CACHE_DIR"] = str(train_cache_dir)
-    try:
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = cli.main(["--quickstart", str(root / "qs"), "--set", f"train.steps={STEPS}",
-                           "--set", "train.warmup_steps=2", *SAMPLE])
-    finally:
-        if old is None:
-            os.environ.pop("FLAME_CACHE_DIR")
-        else:
-            os.environ["FLAME_CACHE_DIR"] = old
-    assert rc == 0, err.getvalue()
+    rc, out, err = run_cli(["--quickstart", str(root / "qs"), "--set", f"train.steps={STEPS}",
+                            "--set", "train.warmup_steps=2", *SAMPLE], train_cache_dir)
+    assert rc == 0, err
     qs = root / "qs"
-    return {"root": qs, "stdout": out.getvalue(), "lora": qs / "output" / "flamequick.safetensors",
+    return {"root": qs, "stdout": out, "lora": qs / "output" / "flamequick.safetensors",
             "checkpoint": qs / "model" / CHECKPOINT_NAME, "data": qs / "data" / f"{REPEATS}_{TRIGGER}"}
 
 
@@ -165,18 +153,9 @@ def test_samples_during_training_and_from_the_saved_lora(run, train_cache_dir):
     assert np.abs(end[0] - end[1]).mean() > 1            # the prompt matters
     assert np.abs(end[0] - ims["step000008-0.png"]).mean() > 0.1   # so does the LoRA's training
     # flame-train sample with the saved (fp16) LoRA renders what the run rendered at its end
-    old = os.environ.get("FLAME_CACHE_DIR")
-    os.environ["FLAME_CACHE_DIR"] = str(train_cache_dir)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            rc = cli.main(["sample", str(run["root"] / "quickstart.toml"), "--lora", str(run["lora"]),
-                           "--output", str(run["root"] / "rendered"), *SAMPLE])
-    finally:
-        if old is None:
-            os.environ.pop("FLAME_CACHE_DIR")
-        else:
-            os.environ["FLAME_CACHE_DIR"] = old
-    assert rc == 0
+    rc, _, err = run_cli(["sample", str(run["root"] / "quickstart.toml"), "--lora", str(run["lora"]),
+                          "--output", str(run["root"] / "rendered"), *SAMPLE], train_cache_dir)
+    assert rc == 0, err
     again = [pixels(run["root"] / "rendered" / "samples" / f"flamequick-{i}.png") for i in (0, 1)]
     for a, b in zip(again, end):
         assert a.shape == b.shape and np.abs(a - b).mean() < 1.0    # fp16-saved weights: nearly equal

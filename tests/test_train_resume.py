@@ -3,8 +3,6 @@ one bucket: an uninterrupted run is the reference; a run killed by SIGKILL (a re
 process) and resumed, and a run stopped by Ctrl-C (SIGINT) and resumed, end bit for bit where
 it ends — LoRA weights, AdamW moments and the loss of every step. An interrupted save leaves
 the previous file readable; keep_last prunes; a changed config is refused with the difference."""
-import contextlib
-import io
 import json
 import os
 import signal
@@ -15,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from flame.cli import train as cli
+from train_helpers import run_cli
 from flame.models import checkpoint
 from flame.models.checkpoint import load_safetensors
 from flame.train import state
@@ -33,18 +31,8 @@ def env(train_cache_dir):
 
 
 def main(argv, env):
-    old = os.environ.get("FLAME_CACHE_DIR")
-    os.environ["FLAME_CACHE_DIR"] = env["FLAME_CACHE_DIR"]
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            rc = cli.main(argv)
-    finally:
-        if old is None:
-            os.environ.pop("FLAME_CACHE_DIR")
-        else:
-            os.environ["FLAME_CACHE_DIR"] = old
-    return rc, out.getvalue()
+    rc, out, err = run_cli(argv, env["FLAME_CACHE_DIR"])
+    return rc, out + err
 
 
 def child(folder, env):

@@ -15,18 +15,10 @@ import time
 from flame.models.checkpoint import read_header
 from flame.models.configs import UNetConfig, VAEConfig
 from flame.models.configs_clip import CLIPTextConfig
+from flame.models.loading import _model_dir, _read_config
 from flame.nn.init import shape_only
 from flame.train import data
 from flame.train.config import check_paths
-
-
-def _json(folder):
-    import json
-    p = os.path.join(folder, "config.json")
-    if not os.path.exists(p):
-        return None
-    with open(p) as f:
-        return json.load(f)
 
 
 def model_configs(cfg: dict):
@@ -40,13 +32,13 @@ def model_configs(cfg: dict):
         u, v, t = ARCHITECTURES[m["architecture"]]
     else:
         u, v, t = ARCHITECTURES["sd15"]
-        d = _json(os.path.join(ckpt, "unet"))
+        d = _read_config(_model_dir(ckpt, "unet"))
         u = UNetConfig.from_dict(d) if d else u
-        d = _json(os.path.join(ckpt, "text_encoder"))
+        d = _read_config(os.path.join(ckpt, "text_encoder"))
         t = CLIPTextConfig.from_dict(d) if d else t
     vae = m["vae"] or ckpt
     if os.path.isdir(vae):
-        d = _json(os.path.join(vae, "vae")) or _json(vae)
+        d = _read_config(_model_dir(vae, "vae"))
         v = VAEConfig.from_dict(d) if d else v
     elif vae != ckpt:
         read_header(vae)
@@ -56,7 +48,7 @@ def model_configs(cfg: dict):
 def graph_shapes(ds, cfg, vae_cfg, text_cfg) -> list[tuple]:
     """Every (bucket, batch size, latents shape, text shape) the run can meet: full batches
     and each bucket's last, smaller one."""
-    f = 2 ** (len(vae_cfg.block_out_channels) - 1)
+    f = vae_cfg.downsampling
     seen = {}
     for batch in data.epoch_batches(ds, cfg, 0):
         bucket = ds.records[batch[0].record].bucket
@@ -87,8 +79,9 @@ def build_step(cfg: dict, backend: str, unet_cfg, text_cfg):
 
 
 def param_bytes(graph) -> int:
-    """Bytes the graph's weights will take (nbytes counts a placeholder's full size)."""
-    return sum(int(p.data.nbytes) for p in graph.params.values())
+    """Bytes of the graph's parameters (weights and optimizer state), from its input nodes:
+    no parameter's data is touched (a GPU-resident one is not downloaded)."""
+    return sum(graph.input_by_name(name).nbytes for name in graph.params)
 
 
 def dry_run(cfg: dict, source: str, log) -> dict:

@@ -108,7 +108,7 @@ class Sampler:
 
     def image(self, prompt: str, negative: str = "", sampler: str = "ddim", steps: int = 20,
               guidance: float = 7.5, seed: int = 0, width: int = 512, height: int = 512) -> Image.Image:
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        f = self.vae.config.downsampling
         if width % f or height % f:
             raise ValueError(f"sample size {width}x{height}: sides must be multiples of {f} (the VAE's factor)")
         shape = (1, self.vae.config.latent_channels, height // f, width // f)

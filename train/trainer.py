@@ -31,6 +31,7 @@ from flame.models.configs import SD15_UNET, SD15_VAE, TINY_UNET, TINY_VAE
 from flame.models.configs_clip import SD15_TEXT, TINY_TEXT
 from flame.ir.printer import fmt_bytes
 from flame.train import caches, data, plot, sample, state
+from flame.train.check import param_bytes
 from flame.train.interrupts import Interrupts
 from flame.train.config import check_paths, to_toml
 from flame.train.export import save_lora
@@ -62,14 +63,15 @@ class Log:
     def __call__(self, msg: str = ""):
         if not self.quiet:
             print(msg, flush=True)
-        if self.file:
-            self.file.write(msg + "\n")
-            self.file.flush()
+        self._write(msg)
 
     def quiet_line(self, bar, msg: str):
         """A line during the progress bar: above the bar on screen, and in the log."""
         if not self.quiet:
             bar.write(msg)
+        self._write(msg)
+
+    def _write(self, msg: str):
         if self.file:
             self.file.write(msg + "\n")
             self.file.flush()
@@ -187,17 +189,12 @@ def make_sampler(m: Models, encoders, cfg: dict, backend: str):
     if not cfg["sample"]["prompts"]:
         return None
     w, h = sample_size(cfg)
-    f = vae_factor(m.vae) * 2 ** (len(m.unet.config.block_out_channels) - 1)
+    f = m.vae.config.downsampling * m.unet.config.downsampling
     if w % f or h % f:
         raise TrainError(f"sample size {w}x{h}: sides must be multiples of {f} for this model "
                          "(set sample.width / sample.height)")
     return sample.Sampler(m.unet, m.vae, lambda p: encoders.text(m.tokenizer.encode([p])),
                           cfg["train"]["prediction"], backend)
-
-
-def vae_factor(vae) -> int:
-    """Pixels per latent side: 8 for SD's VAE (three downsamplings)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def check_bucket_shapes(ds, unet, vae, ckpt):
@@ -206,7 +203,7 @@ def check_bucket_shapes(ds, unet, vae, ckpt):
 
 def check_bucket_shapes_of(ds, unet_cfg, vae_cfg, ckpt):
     """Every bucket's sides must survive the VAE's and then the UNet's downsamplings."""
-    v, u = 2 ** (len(vae_cfg.block_out_channels) - 1), 2 ** (len(unet_cfg.block_out_channels) - 1)
+    v, u = vae_cfg.downsampling, unet_cfg.downsampling
     for (w, h) in ds.buckets:
         if w % (v * u) or h % (v * u):
             raise TrainError(f"bucket {w}x{h}: sides must be multiples of {v * u} for this model ({ckpt}: "
@@ -245,14 +242,14 @@ class Encoders:
         return np.asarray(c(ids), np.float32)
 
 
-def latent_items(ds, cfg) -> list:
-    """The (image, crop, flip) combinations the run can use, for the latent cache."""
+def latent_items(ds, cfg, hashes: dict) -> list:
+    """The (image, crop, flip) combinations the run can use, for the latent cache;
+    hashes: {path: content hash} of every record."""
     items = []
     for r in ds.records:
-        content = caches.content_hash(r.path)
         crop = data.center_crop(r.resized, r.bucket)
         for flip in ((False, True) if cfg["data"][r.folder]["flip"] else (False,)):
-            items.append(caches.LatentItem(r.path, content, r.resized, crop, flip))
+            items.append(caches.LatentItem(r.path, hashes[r.path], r.resized, crop, flip))
     return items
 
 
@@ -322,7 +319,9 @@ class Trainer:
         folder = cache_folder(cfg)
         self.latents = None
         if cfg["train"]["cache_latents"]:
-            items = latent_items(self.ds, cfg)
+            # each image file is read and hashed once: the cache keys, and the keys looked up per step
+            self._hashes = {r.path: caches.content_hash(r.path) for r in self.ds.records}
+            items = latent_items(self.ds, cfg, self._hashes)
             lc = caches.LatentCache(folder, caches.module_fingerprint(m.vae),
                                     {**LATENT_SETTINGS, "scaling_factor": float(m.vae.scaling_factor)})
             t0 = time.time()
@@ -356,8 +355,10 @@ class Trainer:
         self.step = make_train_step(self.models, self.cfg, self.backend)
         self.objective = self.step.objective
         t = self.cfg["train"]
-        self.schedule = ScheduleConfig(lr=t["lr"], name=t["lr_scheduler"], warmup_steps=t["warmup_steps"],
-                                       total_steps=t["steps"])
+        te_lr = t["text_encoder_lr"] if t["text_encoder_lr"] is not None else t["lr"]
+        self.schedules = [ScheduleConfig(lr=x, name=t["lr_scheduler"], warmup_steps=t["warmup_steps"],
+                                         total_steps=t["steps"])
+                          for x in ([t["lr"], te_lr] if self.models.te_params else [t["lr"]])]
 
     # -- per micro-batch
     def inputs(self, batch):
@@ -377,33 +378,22 @@ class Trainer:
         return lat, ctx
 
     def _latent_key(self, r, it):
-        if not hasattr(self, "_hashes"):
-            self._hashes = {}
-        h = self._hashes.get(r.path)
-        if h is None:
-            h = self._hashes[r.path] = caches.content_hash(r.path)
-        return caches.LatentItem(r.path, h, r.resized, it.crop, it.flip).key()
+        return caches.LatentItem(r.path, self._hashes[r.path], r.resized, it.crop, it.flip).key()
 
     def lrs(self, opt_step: int):
-        t = self.cfg["train"]
-        lr = lr_at(opt_step - 1, self.schedule)
-        if not self.models.te_params:
-            return lr
-        f = lr / t["lr"] if t["lr"] else 0.0
-        te_lr = t["text_encoder_lr"] if t["text_encoder_lr"] is not None else t["lr"]
-        return [lr, te_lr * f if t["lr"] else lr_at(opt_step - 1, ScheduleConfig(
-            lr=te_lr, name=t["lr_scheduler"], warmup_steps=t["warmup_steps"], total_steps=t["steps"]))]
+        """The learning rate of each parameter group (UNet, then text encoder) at this step."""
+        lrs = [lr_at(opt_step - 1, s) for s in self.schedules]
+        return lrs[0] if len(lrs) == 1 else lrs
 
     # -- the loop
     def metadata(self, started: float, step: int, epoch: int) -> dict:
-        cfg, t, n = self.cfg, self.cfg["train"], self.cfg["network"]
+        cfg, t = self.cfg, self.cfg["train"]
         b = cfg["buckets"]
         triggers = [d["trigger"] for d in cfg["data"] if d["trigger"]]
         return {
             "ss_sd_model_name": os.path.basename(os.path.normpath(cfg["model"]["checkpoint"])),
             "ss_learning_rate": t["lr"], "ss_unet_lr": t["lr"],
-            "ss_text_encoder_lr": (t["text_encoder_lr"] if t["text_encoder_lr"] is not None else t["lr"])
-            if n["train_text_encoder"] else None,
+            "ss_text_encoder_lr": self.schedules[1].lr if len(self.schedules) > 1 else None,
             "ss_max_train_steps": t["steps"], "ss_steps": step, "ss_epoch": epoch,
             "ss_lr_scheduler": t["lr_scheduler"], "ss_lr_warmup_steps": t["warmup_steps"],
             "ss_optimizer": f"AdamW(betas={tuple(t['betas'])},eps={t['eps']},weight_decay={t['weight_decay']})",
@@ -512,8 +502,7 @@ class Trainer:
             position = self.resume_from(found)
             if position["step"] >= t["steps"]:
                 log(f"the run already finished at step {position['step']} (train.steps = {t['steps']}): {final}")
-                return Result(final, sv["output_dir"], self.paths["log"], self.paths["metrics"],
-                              self.paths["config"], [], position["step"], 0.0, self.backend)
+                return self._result(final, [], position["step"], 0.0)
         self._keep_metrics_until(position["step"])
         epoch, pos, micro = position["epoch"], position["pos"], position["micro"]
         batches = data.epoch_batches(self.ds, cfg, epoch)
@@ -589,9 +578,7 @@ class Trainer:
                         bar.close()
                         log(f"interrupted after step {opt_step} of {t['steps']}: saved {p} and {sp}; "
                             f"continue with --resume")
-                        return Result(p, sv["output_dir"], self.paths["log"], self.paths["metrics"],
-                                      self.paths["config"], losses, opt_step, time.time() - started,
-                                      self.backend, interrupted=True)
+                        return self._result(p, losses, opt_step, time.time() - started, interrupted=True)
                     every = cfg["sample"]["every_steps"]
                     if self.sampler and every and opt_step % every == 0 and not last:
                         self.render(opt_step, lambda msg: self.log.quiet_line(bar, msg))
@@ -615,8 +602,7 @@ class Trainer:
                 f"about {images / secs:.2f} images/s); loss {first:.4f} (first fifth) -> {last:.4f} (last fifth)")
         if self.step.compiled:
             arena = max(c.runner.plan.peak for c in self.step.compiled.values())
-            params = {id(p): p for c in self.step.compiled.values() for p in c.graph.params.values()}
-            weights = sum(p.data.nbytes for p in params.values())
+            weights = max(param_bytes(c.graph) for c in self.step.compiled.values())
             log(f"memory: largest training graph's arena {fmt_bytes(arena)}, weights and optimizer state "
                 f"{fmt_bytes(weights)} ({self.backend})")
         log(f"LoRA:    {final}")
@@ -624,8 +610,11 @@ class Trainer:
         log(f"log:     {self.paths['log']}")
         log(f"metrics: {self.paths['metrics']}")
         log(f"curve:   {self.paths['curve']}")
-        return Result(final, sv["output_dir"], self.paths["log"], self.paths["metrics"], self.paths["config"],
-                      losses, t["steps"], secs, self.backend)
+        return self._result(final, losses, t["steps"], secs)
+
+    def _result(self, lora_path, losses, steps, seconds, interrupted=False) -> Result:
+        return Result(lora_path, self.cfg["save"]["output_dir"], self.paths["log"], self.paths["metrics"],
+                      self.paths["config"], losses, steps, seconds, self.backend, interrupted)
 
     _last_saved = None
 

@@ -247,7 +247,7 @@ def build_preset(opts):
     if opts.model == "sd15-vae":
         with shape_only():
             model = AutoencoderKL(vae_cfg)
-        px = side * 2 ** (len(vae_cfg.block_out_channels) - 1)
+        px = side * vae_cfg.downsampling
         image = [("image", flame.spec((b, vae_cfg.in_channels, px, px), f32))]
 
         def vae(image):
@@ -257,7 +257,7 @@ def build_preset(opts):
         def vae_loss(image):
             return F.mse_loss(model.decode(model.encode(image)[0]), image)
         return (vae_loss if opts.grad else vae), model, image, "vae"
-    k = 2 ** (len(unet_cfg.block_out_channels) - 1)
+    k = unet_cfg.downsampling
     if side % k:
         raise UsageError(f"--latent-size {side}: the {config} UNet needs a multiple of {k}")
     with shape_only():

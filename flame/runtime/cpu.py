@@ -42,8 +42,11 @@ def _library(node):
     return run
 
 
+BLOCK = 64   # threads per row block of the cuda-sim target (the cpu target's loops ignore it)
+
+
 class CpuRunner:
-    def __init__(self, graph: Graph, target: str = "cpu", block: int = 64):
+    def __init__(self, graph: Graph, target: str = "cpu", block: int = BLOCK):
         sched = make_schedule(graph, target, block)
         self.schedule = sched
         self.graph, self.kernels, self.plan = sched.graph, sched.kernels, sched.plan

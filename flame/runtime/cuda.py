@@ -28,8 +28,11 @@ def _ck(res):
     return vals[0] if len(vals) == 1 else vals
 
 
+BLOCK = 256   # threads per block of the generated kernels (option `block`)
+
+
 class CudaRunner:
-    def __init__(self, graph: Graph, block: int = 256, tf32: bool = False, use_graph: bool = True,
+    def __init__(self, graph: Graph, block: int = BLOCK, tf32: bool = False, use_graph: bool = True,
                  updates: dict | None = None, compile_only: tuple | None = None):
         """updates: output index -> input node id whose buffer receives that output at the
         end of every step (parameters updated on the device). compile_only=(9, 0): no GPU
