@@ -31,6 +31,7 @@ GRAPHS = {
     "pad_concat_upsample": ("lambda x, b: flame.cat([F.pad(x, (1, 1, 2, 0)), F.interpolate(x[None, None], scale_factor=2)[0, 0][:3, :5]], 0) + b[0]", [(3, 3), (2,)]),
     "random_where": ("lambda x, b: F.dropout(x, 0.3, seed=5) + flame.rand_normal(x.shape, seed=1) * b", [(4, 8), (8,)]),
     "bf16_storage": ("lambda x, b: F.softmax((x.cast('bf16') @ x.cast('bf16').T) * b[:5].cast('bf16'), dim=-1).cast('f32')", [(5, 33), (33,)]),
+    "multi_output_group_norm_backward": ("flame.value_and_grad(lambda x, w, b: (F.group_norm(x, 2, w, b) * x).sum(), argnums=(0, 1, 2))", [(2, 4, 5, 5), (4,), (4,)]),
     "training_step": ("flame.value_and_grad(lambda x, b: (F.softmax(x * b, dim=-1) * F.layer_norm(x, (12,))).sum(), argnums=(0, 1))", [(4, 12), (12,)]),
 }
 

@@ -92,6 +92,58 @@ def test_group_norm_with_affine_forward_is_one_kernel():
     assert len(c.runner.kernels) == 1
 
 
+G8 = rng.standard_normal((4, 6, 8)).astype(np.float32)
+GX4 = rng.standard_normal((2, 4, 3, 5)).astype(np.float32)
+ROW_TRAINING = {   # loss, its arguments, the rows' space and reduced axes
+    "softmax": (lambda x, g: (F.softmax(x, dim=-1) * g).sum(), (X, G8), (4, 6, 8), (2,)),
+    "layer_norm": (lambda x, w, b, g: (F.layer_norm(x, (8,), w, b) * g).sum(),
+                   (X, B8, B8 * 0.5, G8), (4, 6, 8), (2,)),
+    "group_norm": (lambda x, w, b, g: (F.group_norm(x, 2, w, b) * g).sum(),
+                   (X4, G4, G4 * 0.5, GX4), (2, 2, 2, 15), (2, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(ROW_TRAINING))
+def test_row_reductions_backward_are_one_kernel(name):
+    """multi_output: the backward's reductions over the rows and the input gradient they feed
+    run as one kernel (before, each value the backward shared ended a kernel: 8-15 launches)."""
+    fn, args, space, axes = ROW_TRAINING[name]
+    c = compiled(flame.value_and_grad(fn, argnums=tuple(range(len(args)))), *args)
+    ks = c.runner.kernels
+    gx = c.runner.graph.outputs[1]
+
+    def row_reductions(backward):
+        return [n for n in c.runner.graph.nodes if n.op in fusion.REDUCE_OPS and (n.rule is not None) == backward
+                and n.inputs[0].shape == space and n.attrs["axes"] == axes]
+    for backward in (False, True):
+        reds = row_reductions(backward)
+        assert reds
+        (k,) = {id(k): k for k in ks for n in reds if n in k.nodes}.values()
+        assert k.kind == "R" and (k.full, k.raxes) == (space, axes)
+        if backward:
+            assert gx in k.out_nodes() and "multi_output" in rules_used(k)
+    rows = [k for k in ks if (k.full, k.raxes) == (space, axes)]
+    assert len(rows) <= 2, [k.name for k in rows]   # the forward's and the backward's (or one)
+
+
+def test_multi_output_kernel_stores_every_value_used_outside_it():
+    """exp(x - max) is read by a later kernel and is a graph output: the softmax kernel
+    computes it inline and also writes it; switching the rule off gives more kernels, the
+    same numbers."""
+    def fn(x):
+        e = (x - x.max(-1, keepdim=True)).exp()
+        y = e / e.sum(-1, keepdim=True)
+        return y, e, (y * e).sum((0, 1))
+    on = compiled(fn, X).runner
+    (row,) = [k for k in on.kernels if k.raxes == (2,)]
+    assert len(row.out_nodes()) == 2 and all(n in row.nodes for n in row.out_nodes())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(fusion.RULES, "multi_output", False)
+        off = compiled(fn, X).runner
+    assert len(off.kernels) > len(on.kernels)
+    assert all(not k.extra for k in off.kernels)
+
+
 def test_reduce_prologue_sum_of_squares_is_one_kernel():
     (k,) = compiled(lambda x: (x * x).sum(), X).runner.kernels
     assert k.kind == "R" and rules_used(k) == {"reduce_prologue"}
@@ -128,7 +180,7 @@ def mixed(x, b):
 
 
 @pytest.mark.parametrize("rule", ["elementwise_chain", "reduce_prologue", "row_reduction",
-                                  "movement_fold"])
+                                  "movement_fold"])   # multi_output: its own test above
 def test_switching_a_rule_off_changes_the_schedule_not_the_result(rule, monkeypatch):
     on = compiled(mixed, X, B8).runner.kernels
     assert any(r == rule for k in on for _, r in k.fused)
@@ -166,8 +218,9 @@ def buffer_uses(runner):
     written = {n.id: 0 for n in runner.graph.inputs}
     written.update({n.id: 0 for n in runner.graph.nodes if n.op == "const" and n.id in plan.offsets})
     last = {}
-    for step, (_, _, reads, out) in enumerate(runner.steps, start=1):
-        written[out] = step
+    for step, (_, _, reads, outs) in enumerate(runner.steps, start=1):
+        for out in outs:   # a multi_output kernel writes several
+            written[out] = step
         for r in reads:
             last[value(r)] = step
     for o in runner.graph.outputs:

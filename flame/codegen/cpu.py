@@ -48,13 +48,12 @@ def render(desc: Described, name: str) -> str:
             out.append(ind + f"{res} = " + (f"_bf16_round({acc})" if dtype is dt.bf16 else acc))
         else:
             out.append(ind + line)
-    store = (lambda v: f"_bf16_bits({v})") if k.store.dtype is dt.bf16 else (lambda v: v)
-    if desc.store[0] == "row":
-        _, idx, val = desc.store
-        out.append(ind + f"out[{idx}] = {store(val)}")
-    else:
-        _, body, idx, val = desc.store
-        out += inner_loop(body, [f"out[{idx}] = {store(val)}"])
+    store = lambda d, v: f"_bf16_bits({v})" if d is dt.bf16 else v   # noqa: E731
+    for param, idx, val, d in desc.row_stores:
+        out.append(ind + f"{param}[{idx}] = {store(d, val)}")
+    if desc.full_store is not None:
+        body, idx, vals = desc.full_store
+        out += inner_loop(body, [f"{param}[{idx}] = {store(d, val)}" for param, val, d in vals])
     return "\n".join(out) + "\n"
 
 

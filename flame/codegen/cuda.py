@@ -93,14 +93,15 @@ def render(desc: Described, name: str, block: int = 256) -> str:
                 ind + "    cuda.syncthreads()",
                 ind + "    s //= 2",
                 ind + f"{res} = " + (f"_bf16_round({sm}[0])" if d is dt.bf16 else f"{sm}[0]")]
-    store = {dt.boolean: lambda v: f"np.uint8(1) if {v} else np.uint8(0)",
-             dt.bf16: lambda v: f"_bf16_bits({v})"}.get(k.store.dtype, lambda v: v)
-    if desc.store[0] == "row":
-        _, idx, val = desc.store
-        out.append(ind + ("if tid == 0:\n" + ind + "    " if rows else "") + f"out[{idx}] = {store(val)}")
-    else:
-        _, body, idx, val = desc.store
-        out += strided(body, [f"out[{idx}] = {store(val)}"])
+    def store(d, v):
+        if d is dt.boolean:
+            return f"np.uint8(1) if {v} else np.uint8(0)"
+        return f"_bf16_bits({v})" if d is dt.bf16 else v
+    for param, idx, val, d in desc.row_stores:
+        out.append(ind + ("if tid == 0:\n" + ind + "    " if rows else "") + f"{param}[{idx}] = {store(d, val)}")
+    if desc.full_store is not None:
+        body, idx, vals = desc.full_store
+        out += strided(body, [f"{param}[{idx}] = {store(d, val)}" for param, val, d in vals])
     return "\n".join(out) + "\n"
 
 

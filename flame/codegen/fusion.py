@@ -10,6 +10,9 @@ producer that is not absorbed gets a logged reason. The rules:
                      (softmax, layer_norm: the reductions and the normalisation, one kernel).
 - movement_fold:     reshape/permute/expand/slice/pad/concat/upsample become index
                      arithmetic in the loads of their consumer, never copies.
+- multi_output:      kernels over the same rows join into one that stores several values
+                     (codegen/merge.py): a value another kernel also needs no longer ends
+                     a kernel, so softmax/layer_norm/group_norm backward are one row kernel.
 - gemm_epilogue:     bias/activation/residual after a matmul or conv: the GEMM stays a
                      library call and the whole epilogue is one elementwise kernel that the
                      memory plan runs in place on the GEMM's output (runtime/arena.py).
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from ..ir.graph import Graph, Node
 
 RULES = {"elementwise_chain": True, "reduce_prologue": True, "row_reduction": True,
-         "movement_fold": True, "gemm_epilogue": True}
+         "movement_fold": True, "gemm_epilogue": True, "multi_output": True}
 
 LIBRARY_OPS = {"matmul", "conv2d", "conv2d_input_grad", "conv2d_weight_grad", "gather", "scatter_add"}
 MOVEMENT_OPS = {"reshape", "permute", "expand", "slice", "pad", "concat", "upsample_nearest"}
@@ -53,6 +56,12 @@ class Kernel:
     base_name: str = ""            # what it fuses (R_sum_mul_sub)
     store: Node = None             # the node whose values are written (root minus reshapes)
     chain: set = field(default_factory=set)   # ids of those reshapes, root included
+    extra: list = field(default_factory=list)  # (root, store, chain) of more values it writes
+    merged: list = field(default_factory=list)  # roots of the kernels multi_output joined in
+
+    def out_nodes(self):
+        """Every node whose buffer this kernel writes, its root first."""
+        return [self.root] + [e[0] for e in self.extra]
 
     @property
     def member_ids(self):
@@ -206,6 +215,9 @@ def fuse(graph: Graph) -> list:
             assigned[m.id] = k
         kernels.append(k)
     kernels.reverse()
+    from ..runtime.arena import alias_of
+    from .merge import merge_kernels
+    kernels = merge_kernels(graph, kernels, lambda k: alias_of(k) is not None)
     seen = {}
     for k in kernels:   # unique names: the second R_sum is R_sum_1
         base = k.base_name = _name(k)

@@ -116,7 +116,8 @@ class Described:
     n_inner: int
     row: Body = None
     reductions: list = field(default_factory=list)   # (acc, op, dtype, Body, value_var, result_var)
-    store: object = None    # ("row", index_expr, value) or ("full", Body, index_expr, value)
+    row_stores: list = field(default_factory=list)    # (param, index_expr, value, dtype) once per row
+    full_store: object = None   # (Body, index_expr, [(param, value, dtype)]) over the row's elements
     lines: list = field(default_factory=list)         # row-level statements in order
     loads: dict = field(default_factory=dict)         # node id -> index expressions read
     row_cache: dict = field(default_factory=dict)     # rc_* local array -> dtype (GPU rows)
@@ -125,7 +126,9 @@ class Described:
     def in_place_candidates(self) -> list:
         """Buffers this kernel reads only at the index it writes: the output may overwrite
         them (each element is read before it is written, by the same thread)."""
-        idx = self.store[1] if self.store[0] == "row" else self.store[2]
+        if self.kernel.extra:
+            return []    # several outputs: keep it simple, none written in place
+        idx = self.row_stores[0][1] if self.row_stores else self.full_store[1]
         out = self.kernel.root
         return [nid for nid, exprs in self.loads.items()
                 if exprs == {idx} and nid != out.id]
@@ -161,7 +164,8 @@ class Describer:
 
     def param(self, node: Node, role="read") -> str:
         if node.id not in self.params:
-            name = f"p{len(self.param_list)}" if role == "read" else "out"
+            writes = sum(1 for p in self.param_list if p[2] == "write")
+            name = f"p{len(self.param_list)}" if role == "read" else f"out{writes or ''}"
             self.params[node.id] = name
             self.param_list.append((name, node, role))
         return self.params[node.id]
@@ -221,8 +225,7 @@ class Describer:
                 return v
             return self._load(body, node, coords)
         if node.op in REDUCE_OPS:
-            if node.id not in self.red_vars or coords != tuple(
-                    c for c, s in zip(self.red_coords(), node.shape)):
+            if node.id not in self.red_vars or coords != self._row_coords(node.shape):
                 raise AssertionError(f"reduction %{node.id} read off its rows in {self.k.name}")
             return self.red_vars[node.id]
         if node.op in MOVEMENT_OPS:
@@ -278,6 +281,11 @@ class Describer:
         if op == "reshape":
             if x.shape == node.shape:
                 return self.emit(body, x, coords)
+            if [s for s in x.shape if s != 1] == [s for s in node.shape if s != 1]:
+                # only size-1 axes added or removed: the other coordinates carry over as they
+                # are (so a row reduction reshaped is still read at its row's coordinates)
+                kept = iter(c for c, s in zip(coords, node.shape) if s != 1)
+                return self.emit(body, x, tuple("0" if s == 1 else next(kept) for s in x.shape))
             flat = self.assign(body, lin(coords, node.shape), "i")
             st = strides_of(x.shape)
             sub = []
@@ -342,9 +350,19 @@ class Describer:
         raise NotImplementedError(op)
 
     # the whole kernel ----------------------------------------------------
+    def _row_coords(self, shape) -> tuple:
+        """Where a per-row value of `shape` (reduced axes kept as 1, or dropped) is read."""
+        if len(shape) == len(self.k.full):
+            at = self.red_coords()
+        else:
+            at = tuple(self.ocoord[d] for d in self.outer_dims)
+        return tuple("0" if s == 1 else c for c, s in zip(at, shape))
+
+    def _row_index(self) -> str:
+        return lin(tuple(self.ocoord[d] for d in self.outer_dims), tuple(self.k.full[d] for d in self.outer_dims))
+
     def describe(self) -> Described:
         k = self.k
-        root = k.root
         n_outer = math.prod(k.full[d] for d in self.outer_dims)
         n_inner = math.prod(k.full[d] for d in self.inner_dims)
         row = Body(None, [v for v in self.ocoord.values() if v != "0"] + ["o"])
@@ -359,19 +377,21 @@ class Describer:
                 self.red_vars[n.id] = res
                 desc.reductions.append((acc, n.op, n.dtype, body, val, res))
                 row.lines.append(("reduce", len(desc.reductions) - 1))
-        out = self.param(root, "write")
-        root = k.store   # reshapes after it only rename the buffer
-        if k.raxes and root.shape == k.full and root.op not in REDUCE_OPS:
-            body = Body(row, inner_vars)
-            val = self.emit(body, root, self.full_coords())
-            desc.store = ("full", body, lin(self.full_coords(), k.full), val)
-        else:
-            if root.op in REDUCE_OPS:
-                val = self.red_vars[root.id]
+        full_vals = []
+        for r, store, _ in [(k.root, k.store, k.chain)] + k.extra:
+            out = self.param(r, "write")    # reshapes after `store` only rename the buffer
+            if k.raxes and store.shape == k.full and store.op not in REDUCE_OPS:
+                full_vals.append((out, store))
+            elif store.op in REDUCE_OPS:
+                desc.row_stores.append((out, self._row_index(), self.red_vars[store.id], store.dtype))
             else:
-                val = self.emit(row, root, self.red_coords() if k.raxes else self.full_coords())
-            desc.store = ("row", lin(tuple(self.ocoord[d] for d in self.outer_dims),
-                                     tuple(k.full[d] for d in self.outer_dims)), val)
+                at = self._row_coords(store.shape) if k.raxes else self.full_coords()
+                val = self.emit(row, store, at)
+                desc.row_stores.append((out, self._row_index(), val, store.dtype))
+        if full_vals:
+            body = Body(row, inner_vars)
+            vals = [(out, self.emit(body, store, self.full_coords()), store.dtype) for out, store in full_vals]
+            desc.full_store = (body, lin(self.full_coords(), k.full), vals)
         desc.loads = self.loads
         desc.row_cache = dict(self.cached.values())
         desc.cache_slots = self.cache_slots

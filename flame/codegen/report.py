@@ -26,6 +26,8 @@ def schedule_lines(runner, names: dict) -> list:
             continue
         inner = [ref(n) for n in k.nodes if n is not k.root]
         what = f"fuses {' '.join(inner)} -> {ref(k.root)}" if inner else f"computes {ref(k.root)}"
+        if k.extra:
+            what += ", also stores " + " ".join(ref(e[0]) for e in k.extra)
         if k.root.id in plan.in_place:
             what += f", in place on {names.get(plan.overwrites[k.root.id], '?')}"
         lines.append(f"{tag}  {what}")

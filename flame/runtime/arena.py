@@ -88,7 +88,8 @@ def plan_graph(graph, kernels, in_place=None) -> Plan:
             aliases[k.root.id] = root(src)
             renames.add(k.root.id)
             continue
-        lifetimes[k.root.id] = [i, i]
+        for o in k.out_nodes():
+            lifetimes[o.id] = [i, i]
         for r in (k.reads() if k.kind != "L" else list(k.root.inputs)):
             if root(r.id) in lifetimes:
                 lifetimes[root(r.id)][1] = max(lifetimes[root(r.id)][1], i)

@@ -59,7 +59,7 @@ class CpuRunner:
             if not sched.runs(k):
                 continue    # a reshape of a buffer: same bytes, nothing to run
             if k.kind == "L":
-                self.steps.append((k, _library(k.root), [i.id for i in k.root.inputs], k.root.id))
+                self.steps.append((k, _library(k.root), [i.id for i in k.root.inputs], [k.root.id]))
             else:
                 d = sched.descs[k.root.id]
                 src = sched.source(k)
@@ -75,7 +75,8 @@ class CpuRunner:
                     grid, blk = cuda_render.launch_dims(d, block)
                     fn = load(base, canon, "cuda-sim")[grid, blk]
                 self.sources[k.name] = src
-                self.steps.append((k, fn, [p[1].id for p in d.params if p[2] == "read"], k.root.id))
+                self.steps.append((k, fn, [p[1].id for p in d.params if p[2] == "read"],
+                                   [p[1].id for p in d.params if p[2] == "write"]))
         self.arena = np.empty(max(self.plan.peak, 1), np.uint8)
 
     def view(self, nid, flat=False):
@@ -102,9 +103,9 @@ class CpuRunner:
         with threadpool_limits(1, user_api="blas"):
             for k, fn, reads, out in self.steps:
                 if k.kind == "L":
-                    fn(self.view(out), *[self.view(r) for r in reads])
+                    fn(self.view(out[0]), *[self.view(r) for r in reads])
                 else:
-                    fn(*[self.view(r, flat=True) for r in reads], self.view(out, flat=True))
+                    fn(*[self.view(r, flat=True) for r in reads], *[self.view(o, flat=True) for o in out])
         outs = []
         for o in g.outputs:
             if is_literal(o) or (o.op == "const" and o.id not in self.plan.offsets):
