@@ -83,6 +83,8 @@ def _kernels(sched, names: dict, node_kernel: dict) -> list:
             note = f"in place on {names.get(plan.overwrites[k.root.id], '?')}"
         else:
             note = "generated kernel"
+        if k.extra:
+            note += "; also stores " + ", ".join(names.get(e[0].id, "?") for e in k.extra)
         has_src = k.root.id in sched.descs and sched.runs(k)
         out.append({
             "index": i, "name": k.name, "kind": k.kind, "root": k.root.id, "step": i + 1,
