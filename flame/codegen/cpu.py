@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..ir import dtypes as dt
-from .kernel import Described, unravel
+from .kernel import Described, drop_unused, unravel
 from .prelude import CPU_PRELUDE as PRELUDE   # the helpers, shared with the CUDA renderer
 
 PARALLEL_MIN = 1 << 15   # elements: below this, threads cost more than they save
@@ -54,7 +54,7 @@ def render(desc: Described, name: str) -> str:
     if desc.full_store is not None:
         body, idx, vals = desc.full_store
         out += inner_loop(body, [f"{param}[{idx}] = {store(d, val)}" for param, val, d in vals])
-    return "\n".join(out) + "\n"
+    return "\n".join(drop_unused(out)) + "\n"
 
 
 def module_source(desc: Described, name: str) -> str:

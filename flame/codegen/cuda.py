@@ -1,19 +1,23 @@
 """Render a kernel description as Numba CUDA source.
 
-Elementwise kernels: one thread per element. Row kernels: one block per row; each thread
-strides over the row, partial results meet in shared memory through a tree (no warp
-shuffles, so the Numba CUDA simulator runs them too). Every float constant is typed
-(np.float32(...)), so float32 kernels compile to float32 PTX."""
+Elementwise kernels: each thread computes ELEMENTWISE_PER_THREAD elements a block apart (the
+loads of all of them in flight at once), adjacent threads adjacent elements. Row kernels
+(the last axis reduced): a row is shared by a power of two of threads (row_threads: about
+eight elements each, so short rows put several rows in a block); each thread keeps the row
+elements it loads in registers, partial results meet through warp shuffles and, across
+warps, one shared-memory slot per warp. Reductions over leading axes: a thread per output.
+Every float constant is typed (np.float32(...)), so float32 kernels compile to float32 PTX."""
 from __future__ import annotations
 
 from ..ir import dtypes as dt
-from .kernel import Described, literal, unravel
+from .kernel import Described, drop_unused, literal, unravel
 from .prelude import CUDA_PRELUDE as PRELUDE   # the helpers, shared with the CPU renderer
 
 
 NUMBA_TYPE = {dt.f32: "numba.float32", dt.f64: "numba.float64", dt.i32: "numba.int32",
               dt.i64: "numba.int64", dt.boolean: "numba.boolean", dt.bf16: "numba.float32"}
 ELEMENTWISE_BLOCK = 256
+ELEMENTWISE_PER_THREAD = 4
 
 
 def _init(op, d):
@@ -33,39 +37,101 @@ def block_per_row(desc: Described) -> bool:
     return bool(desc.inner_dims) and (len(desc.kernel.full) - 1) in desc.inner_dims
 
 
+def rows_per_block(desc: Described, block: int) -> int:
+    return max(1, block // desc.row_threads)
+
+
+def per_thread(desc: Described) -> int:
+    """Elements per thread of a kernel without reductions (a thread per output otherwise)."""
+    return 1 if desc.reductions else ELEMENTWISE_PER_THREAD
+
+
 def launch_dims(desc: Described, block: int):
     """(grid, block) for this kernel."""
     if block_per_row(desc):
-        return desc.n_outer, block
-    return (desc.n_outer + ELEMENTWISE_BLOCK - 1) // ELEMENTWISE_BLOCK, ELEMENTWISE_BLOCK
+        rpb = rows_per_block(desc, block)
+        return -(-desc.n_outer // rpb), rpb * desc.row_threads
+    per = ELEMENTWISE_BLOCK * per_thread(desc)
+    return -(-desc.n_outer // per), ELEMENTWISE_BLOCK
+
+
+def _store(d, v):
+    if d is dt.boolean:
+        return f"np.uint8(1) if {v} else np.uint8(0)"
+    return f"_bf16_bits({v})" if d is dt.bf16 else v
 
 
 def render(desc: Described, name: str, block: int = 256) -> str:
-    """block: threads per row in row kernels (a power of two)."""
+    """block: threads per block of row kernels (a power of two)."""
+    if block_per_row(desc):
+        return _render_rows(desc, name, block)
     k = desc.kernel
-    params = ", ".join(p[0] for p in desc.params)
-    onames = {d: f"o{d}" for d in desc.outer_dims}
     inames = {d: f"ri{d}" for d in desc.inner_dims}
-    out = ["@cuda.jit", f"def {name}({params}):"]
-    ind = "    "
-    rows = block_per_row(desc)
-    if rows:
-        out += [ind + "o = cuda.blockIdx.x", ind + "tid = cuda.threadIdx.x"]
-    else:
+    out = ["@cuda.jit", f"def {name}({', '.join(p[0] for p in desc.params)}):"]
+    per = per_thread(desc)
+    if per == 1:
+        ind = "    "
         out += [ind + "o = cuda.grid(1)", ind + f"if o >= {desc.n_outer}:", ind + "    return"]
-    out += [ind + l for l in unravel("o", desc.outer_dims, k.full, onames)]
-    slots = -(-desc.n_inner // block)
-    for name, d in desc.row_cache.items():   # the row's elements this thread holds
-        out.append(ind + f"{name} = cuda.local.array({slots}, {NUMBA_TYPE[d]})")
+    else:   # several outputs a block apart per thread: their loads are in flight together
+        out += [f"    base = cuda.blockIdx.x * {ELEMENTWISE_BLOCK * per} + cuda.threadIdx.x",
+                f"    for u in range({per}):",
+                f"        o = base + u * {ELEMENTWISE_BLOCK}",
+                f"        if o < {desc.n_outer}:"]
+        ind = "            "
+    out += [ind + l for l in unravel("o", desc.outer_dims, k.full, {d: f"o{d}" for d in desc.outer_dims})]
+    for line in desc.row.lines:
+        if not isinstance(line, tuple):
+            out.append(ind + line)
+            continue
+        acc, op, d, body, val, res = desc.reductions[line[1]]   # this thread's output alone
+        out.append(ind + f"{acc} = {_init(op, d)}")
+        out.append(ind + f"for r in range({desc.n_inner}):")
+        out += [ind + "    " + l for l in unravel("r", desc.inner_dims, k.full, inames)]
+        out += [ind + "    " + l for l in body.lines]
+        out.append(ind + f"    {acc} = {_combine(op, acc, val)}")
+        out.append(ind + f"{res} = " + (f"_bf16_round({acc})" if d is dt.bf16 else acc))
+    for param, idx, val, d in desc.row_stores:
+        out.append(ind + f"{param}[{idx}] = {_store(d, val)}")
+    if desc.full_store is not None:   # values over the reduced axes too, after the reductions
+        body, idx, vals = desc.full_store
+        out.append(ind + f"for r in range({desc.n_inner}):")
+        out += [ind + "    " + l for l in unravel("r", desc.inner_dims, k.full, inames)]
+        out += [ind + "    " + l for l in body.lines]
+        out += [ind + f"    {param}[{idx}] = {_store(d, val)}" for param, val, d in vals]
+    return "\n".join(drop_unused(out)) + "\n"
 
-    def strided(body, tail):
-        if not rows:
-            lines = [ind + f"for r in range({desc.n_inner}):"]
-            pre = ind + "    "
-        else:   # slot j of this thread is element tid + j*block of the row
-            lines = [ind + f"for j in range({slots}):", ind + f"    r = tid + j * {block}",
-                     ind + f"    if r < {desc.n_inner}:"]
-            pre = ind + "        "
+
+def _render_rows(desc: Described, name: str, block: int) -> str:
+    k = desc.kernel
+    T, n, n_out = desc.row_threads, desc.n_inner, desc.n_outer
+    if not T:
+        raise ValueError(f"{name} was described for the CPU; describe(kernel, block) for the GPU")
+    rpb = rows_per_block(desc, block)
+    slots = -(-n // T)
+    inames = {d: f"ri{d}" for d in desc.inner_dims}
+    ind = "    "
+    out = ["@cuda.jit", f"def {name}({', '.join(p[0] for p in desc.params)}):",
+           ind + "tid = cuda.threadIdx.x"]
+    if rpb == 1:
+        out += [ind + "o = cuda.blockIdx.x", ind + "lane = tid"]
+    elif T == 1:
+        out += [ind + f"o = cuda.blockIdx.x * {rpb} + tid", ind + "lane = 0"]
+    else:
+        out += [ind + f"o = cuda.blockIdx.x * {rpb} + tid // {T}", ind + f"lane = tid % {T}"]
+    ragged = n_out % rpb != 0
+    if ragged:   # the last block's spare rows redo the last row (they must join its shuffles) but store nothing
+        out += [ind + f"valid = o < {n_out}", ind + "if not valid:", ind + f"    o = {n_out - 1}"]
+    out += [ind + l for l in unravel("o", desc.outer_dims, k.full, {d: f"o{d}" for d in desc.outer_dims})]
+    for arr, d in desc.row_cache.items():   # the row's elements this thread holds
+        out.append(ind + f"{arr} = cuda.local.array({slots}, {NUMBA_TYPE[d]})")
+
+    def strided(body, tail, guard=""):
+        lines = [ind + f"for j in range({slots}):", ind + f"    r = lane + j * {T}"]
+        cond = " and ".join(c for c in ([f"r < {n}"] if n % T else []) + ([guard] if guard else []))
+        pre = ind + "    "
+        if cond:
+            lines.append(pre + f"if {cond}:")
+            pre += "    "
         lines += [pre + l for l in unravel("r", desc.inner_dims, k.full, inames)]
         lines += [pre + l for l in body.lines]
         return lines + [pre + t for t in tail]
@@ -75,34 +141,30 @@ def render(desc: Described, name: str, block: int = 256) -> str:
             out.append(ind + line)
             continue
         acc, op, d, body, val, res = desc.reductions[line[1]]
-        if not rows:
-            out.append(ind + f"{acc} = {_init(op, d)}")
-            out += strided(body, [f"{acc} = {_combine(op, acc, val)}"])
-            out.append(ind + f"{res} = " + (f"_bf16_round({acc})" if d is dt.bf16 else acc))
-            continue
-        sm = f"sm_{acc}"
-        out.append(ind + f"{sm} = cuda.shared.array({block}, {NUMBA_TYPE[d]})")
         out.append(ind + f"{acc} = {_init(op, d)}")
         out += strided(body, [f"{acc} = {_combine(op, acc, val)}"])
-        out += [ind + f"{sm}[tid] = {acc}",
-                ind + "cuda.syncthreads()",
-                ind + f"s = {block // 2}",
-                ind + "while s > 0:",
-                ind + "    if tid < s:",
-                ind + f"        {sm}[tid] = {_combine(op, f'{sm}[tid]', f'{sm}[tid + s]')}",
-                ind + "    cuda.syncthreads()",
-                ind + "    s //= 2",
-                ind + f"{res} = " + (f"_bf16_round({sm}[0])" if d is dt.bf16 else f"{sm}[0]")]
-    def store(d, v):
-        if d is dt.boolean:
-            return f"np.uint8(1) if {v} else np.uint8(0)"
-        return f"_bf16_bits({v})" if d is dt.bf16 else v
+        m = min(T, 32) // 2
+        while m:   # butterfly within the warp: every lane ends with the whole sum
+            out += [ind + f"t_{acc} = _shfl_xor({acc}, {m})", ind + f"{acc} = {_combine(op, acc, f't_{acc}')}"]
+            m //= 2
+        if T > 32:   # one slot per warp; every thread then combines its row's warps
+            sm, warps = f"sm_{acc}", T // 32
+            first = "0" if rpb == 1 else f"(tid // {T}) * {warps}"
+            out += [ind + f"{sm} = cuda.shared.array({rpb * warps}, {NUMBA_TYPE[d]})",
+                    ind + "if tid % 32 == 0:", ind + f"    {sm}[tid // 32] = {acc}",
+                    ind + "cuda.syncthreads()",
+                    ind + f"w0 = {first}", ind + f"{acc} = {sm}[w0]",
+                    ind + f"for w in range(1, {warps}):", ind + f"    t_{acc} = {sm}[w0 + w]",
+                    ind + f"    {acc} = {_combine(op, acc, f't_{acc}')}"]
+        out.append(ind + f"{res} = " + (f"_bf16_round({acc})" if d is dt.bf16 else acc))
+    ok = "valid" if ragged else ""
     for param, idx, val, d in desc.row_stores:
-        out.append(ind + ("if tid == 0:\n" + ind + "    " if rows else "") + f"{param}[{idx}] = {store(d, val)}")
+        cond = "lane == 0" + (" and valid" if ragged else "")
+        out += [ind + f"if {cond}:", ind + f"    {param}[{idx}] = {_store(d, val)}"]
     if desc.full_store is not None:
         body, idx, vals = desc.full_store
-        out += strided(body, [f"{param}[{idx}] = {store(d, val)}" for param, val, d in vals])
-    return "\n".join(out) + "\n"
+        out += strided(body, [f"{param}[{idx}] = {_store(d, val)}" for param, val, d in vals], ok)
+    return "\n".join(drop_unused(out)) + "\n"
 
 
 def module_source(desc: Described, name: str, block: int = 256) -> str:

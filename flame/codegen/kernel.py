@@ -122,6 +122,7 @@ class Described:
     loads: dict = field(default_factory=dict)         # node id -> index expressions read
     row_cache: dict = field(default_factory=dict)     # rc_* local array -> dtype (GPU rows)
     cache_slots: int = 0
+    row_threads: int = 0    # GPU threads that share one row (0: not a block-per-row kernel)
 
     def in_place_candidates(self) -> list:
         """Buffers this kernel reads only at the index it writes: the output may overwrite
@@ -136,10 +137,10 @@ class Described:
 
 class Describer:
     def __init__(self, kernel: Kernel, row_block: int = 0):
-        """row_block: threads per row of the GPU renderer. When a row is at most
-        ROW_CACHE_SLOTS blocks long, each thread keeps the row elements it loads in
-        registers (rc_* local arrays), so later passes over the row (variance after mean,
-        normalise after both) do not read memory again."""
+        """row_block: at most this many GPU threads share a row (0: the CPU renderer); see
+        row_threads. When each thread has at most ROW_CACHE_SLOTS elements of its row, it
+        keeps those it loads in registers (rc_* local arrays), so later passes over the row
+        (variance after mean, normalise after both) do not read memory again."""
         self.k = kernel
         self.members = kernel.member_ids
         self.params = {}
@@ -154,9 +155,26 @@ class Describer:
         self.icoord = {d: (f"ri{d}" if full[d] != 1 else "0") for d in self.inner_dims}
         n_inner = math.prod(full[d] for d in self.inner_dims)
         rows = bool(raxes) and (len(full) - 1) in raxes
-        slots = -(-n_inner // row_block) if row_block else 0
-        self.cache_slots = slots if rows and 1 < slots <= ROW_CACHE_SLOTS else 0
+        self.row_threads = row_threads(n_inner, row_block) if rows and row_block else 0
+        slots = -(-n_inner // self.row_threads) if self.row_threads else 0
+        self.cache_slots = slots if 1 <= slots <= ROW_CACHE_SLOTS else 0
         self.cached = {}     # node id -> (local array name, dtype)
+        # (coords, shape) -> a simpler expression of lin(coords, shape): the loop's own flat
+        # index where the coordinates are the iteration space's, and the flat index a
+        # reshape started from (a reshape keeps every element's flat index)
+        self.flat = {}
+        fc = self.full_coords()
+        if not raxes:
+            self.flat[(fc, full)] = "o"
+        elif self.inner_dims == tuple(range(len(self.outer_dims), len(full))):
+            self.flat[(fc, full)] = f"o * {n_inner} + r" if n_inner < math.prod(full) else "r"
+        elif self.outer_dims == tuple(range(len(self.inner_dims), len(full))):
+            self.flat[(fc, full)] = f"r * {math.prod(full) // n_inner} + o" if n_inner < math.prod(full) else "r"
+
+    def linear(self, coords, shape) -> str:
+        """The flat index of `coords` in a contiguous array of `shape`."""
+        coords = tuple("0" if s == 1 else c for c, s in zip(coords, shape))
+        return self.flat.get((coords, tuple(shape))) or lin(coords, shape)
 
     def fresh(self, prefix="v"):
         self.n += 1
@@ -212,9 +230,11 @@ class Describer:
             return literal(node.attrs["value"], node.dtype)
         if node.id not in self.members:
             ctor(node.dtype)
-            self.loads.setdefault(node.id, set()).add(lin(coords, node.shape))
-            cache = self.cache_slots and body.parent is not None and node.shape == self.k.full \
-                and coords == self.full_coords()
+            at = self.linear(coords, node.shape)
+            self.loads.setdefault(node.id, set()).add(at)
+            # this thread's own element of the row (also through a reshape): kept in registers
+            cache = self.cache_slots and body.parent is not None and \
+                at == self.flat.get((self.full_coords(), self.k.full))
             if cache and node.id in self.cached:
                 return self.assign(body, f"{self.cached[node.id][0]}[j]")
             if cache:
@@ -234,7 +254,7 @@ class Describer:
         return self.assign(body, f"_bf16_round({v})") if node.dtype is dt.bf16 else v
 
     def _load(self, body, node, coords):
-        idx = self.assign(body, lin(coords, node.shape), "i")
+        idx = self.assign(body, self.linear(coords, node.shape), "i")
         if node.dtype is dt.boolean:   # bools live in memory as one byte, 0 or 1
             return self.assign(body, f"({self.param(node)}[{idx}] != 0)")
         if node.dtype is dt.bf16:
@@ -255,7 +275,7 @@ class Describer:
             consts = {"one": literal(1, d), "zero": literal(0, d)}
         if op in ("rand_uniform", "rand_normal"):
             seed = self.emit(body, node.inputs[0], ())
-            idx = self.assign(body, lin(coords, node.shape), "i")
+            idx = self.assign(body, self.linear(coords, node.shape), "i")
             fn = "_uniform" if op == "rand_uniform" else "_normal"
             return self.assign(body, f"{ctor(node.dtype)}({fn}({seed}, {a['stream']}, {idx}))")
         if op == "const":
@@ -286,17 +306,11 @@ class Describer:
                 # are (so a row reduction reshaped is still read at its row's coordinates)
                 kept = iter(c for c, s in zip(coords, node.shape) if s != 1)
                 return self.emit(body, x, tuple("0" if s == 1 else next(kept) for s in x.shape))
-            flat = self.assign(body, lin(coords, node.shape), "i")
-            st = strides_of(x.shape)
-            sub = []
-            for s, k in zip(x.shape, st):
-                if s == 1:
-                    sub.append("0")
-                else:
-                    e = flat if k == 1 else f"({flat} // {k})"
-                    e = e if k * s == math.prod(x.shape) else f"({e} % {s})"
-                    sub.append(self.assign(body, e, "i"))
-            return self.emit(body, x, tuple(sub))
+            at = self.linear(coords, node.shape)
+            flat = self.assign(body, at, "i")
+            sub = tuple(self.assign(body, e, "i") for e in split_flat(flat, x.shape))
+            self.flat[(sub, x.shape)] = at
+            return self.emit(body, x, sub)
         if op == "permute":
             sub = [None] * x.ndim
             for k, p in enumerate(a["perm"]):
@@ -359,7 +373,7 @@ class Describer:
         return tuple("0" if s == 1 else c for c, s in zip(at, shape))
 
     def _row_index(self) -> str:
-        return lin(tuple(self.ocoord[d] for d in self.outer_dims), tuple(self.k.full[d] for d in self.outer_dims))
+        return "o"   # the loops' row index: unravel() splits it over the outer dims in order
 
     def describe(self) -> Described:
         k = self.k
@@ -391,10 +405,11 @@ class Describer:
         if full_vals:
             body = Body(row, inner_vars)
             vals = [(out, self.emit(body, store, self.full_coords()), store.dtype) for out, store in full_vals]
-            desc.full_store = (body, lin(self.full_coords(), k.full), vals)
+            desc.full_store = (body, self.linear(self.full_coords(), k.full), vals)
         desc.loads = self.loads
         desc.row_cache = dict(self.cached.values())
         desc.cache_slots = self.cache_slots
+        desc.row_threads = self.row_threads
         # outputs last: reads in order of first use, then the written buffer
         desc.params = [p for p in self.param_list if p[2] == "read"] + \
                       [p for p in self.param_list if p[2] == "write"]
@@ -402,23 +417,58 @@ class Describer:
 
 
 ROW_CACHE_SLOTS = 16
+ROW_ELEMENTS = 8    # elements of a row per GPU thread to aim for: loads in flight, short reductions
+
+
+def row_threads(n_inner: int, block: int) -> int:
+    """GPU threads sharing one row of n_inner elements: a power of two, about ROW_ELEMENTS
+    elements each, at most `block`. Short rows take fewer threads (several rows share a
+    block) instead of leaving most of a block idle."""
+    t = 1
+    while t < block and t * ROW_ELEMENTS < n_inner:
+        t *= 2
+    return t
 
 
 def describe(kernel: Kernel, row_block: int = 0) -> Described:
     return Describer(kernel, row_block).describe()
 
 
+def split_flat(var: str, shape: tuple) -> list:
+    """Expressions of the coordinates of flat index `var` in a contiguous array of `shape`.
+    Below 2**31 elements they divide as unsigned 32-bit numbers (_div/_mod in the prelude):
+    a few instructions on the GPU, where signed 64-bit floor division costs dozens."""
+    total = math.prod(shape)
+    div, mod = ("_div({}, {})", "_mod({}, {})") if total < 2 ** 31 else ("({} // {})", "({} % {})")
+    out = []
+    for s, k in zip(shape, strides_of(shape)):
+        if s == 1:
+            out.append("0")
+            continue
+        e = var if k == 1 else div.format(var, k)
+        out.append(e if k * s == total else mod.format(e, s))
+    return out
+
+
 def unravel(var: str, dims: tuple, full: tuple, names: dict) -> list:
     """Statements that split flat loop index `var` into the coordinates of `dims`."""
-    lines, acc = [], 1
-    sizes = [full[d] for d in dims]
-    for j in range(len(dims) - 1, -1, -1):
-        d, s = dims[j], sizes[j]
-        if s == 1:
-            continue
-        e = var if acc == 1 else f"({var} // {acc})"
-        if acc * s != math.prod(sizes):
-            e = f"({e} % {s})"
-        lines.append(f"{names[d]} = {e}")
-        acc *= s
-    return list(reversed(lines))
+    dims = [d for d in dims if full[d] != 1]
+    return [f"{names[d]} = {e}" for d, e in zip(dims, split_flat(var, tuple(full[d] for d in dims)))]
+
+
+_ASSIGN = re.compile(r"\s*((?:o|ri|i|v|c)\d+) = ")
+
+
+def drop_unused(lines: list) -> list:
+    """Remove value statements (coordinates, indices, values: all pure) that nothing reads,
+    e.g. the coordinates of a kernel that indexes by its flat loop index, so the printed
+    kernel shows only what it computes."""
+    while True:
+        reads = set()
+        for l in lines:
+            m = _ASSIGN.match(l)
+            reads.update(_TOK.findall(l[m.end():] if m else l))
+        kept = [l for l in lines if not ((m := _ASSIGN.match(l)) and m.group(1) not in reads)]
+        if len(kept) == len(lines):
+            return kept
+        lines = kept

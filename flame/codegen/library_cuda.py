@@ -20,24 +20,34 @@ def conv_geometry(x_shape, w_shape, a):
                 OH=oh, OW=ow, L=oh * ow, G=a["groups"], K=cg * kh * kw)
 
 
+def _div_mod(total: int):
+    """Floor division and remainder of non-negative indices: unsigned 32-bit (the prelude's
+    _div/_mod, a few instructions) when every index fits, else Python's signed 64-bit ones."""
+    if total < 2 ** 31:
+        return "_div({}, {})".format, "_mod({}, {})".format
+    return "({} // {})".format, "({} % {})".format
+
+
 def im2col(name: str, g: dict, d: dt.DType) -> tuple:
     """col[n, c, i, j, l] = x[n, c, y*SH + i*DH - PH, x*SW + j*DW - PW] (0 outside)."""
+    from .prelude import CUDA_PRELUDE
     total = g["N"] * g["C"] * g["KH"] * g["KW"] * g["L"]
-    src = HEAD + f'''@cuda.jit
+    div, mod = _div_mod(max(total, g["N"] * g["C"] * g["H"] * g["W"]))
+    src = CUDA_PRELUDE + "\n" + f'''@cuda.jit
 def {name}(x, col):
     t = cuda.grid(1)
     if t >= {total}:
         return
-    l = t % {g["L"]}
-    r = t // {g["L"]}
-    j = r % {g["KW"]}
-    r = r // {g["KW"]}
-    i = r % {g["KH"]}
-    r = r // {g["KH"]}
-    c = r % {g["C"]}
-    n = r // {g["C"]}
-    y = (l // {g["OW"]}) * {g["SH"]} + i * {g["DH"]} - {g["PH"]}
-    xx = (l % {g["OW"]}) * {g["SW"]} + j * {g["DW"]} - {g["PW"]}
+    l = {mod("t", g["L"])}
+    r = {div("t", g["L"])}
+    j = {mod("r", g["KW"])}
+    r = {div("r", g["KW"])}
+    i = {mod("r", g["KH"])}
+    r = {div("r", g["KH"])}
+    c = {mod("r", g["C"])}
+    n = {div("r", g["C"])}
+    y = {div("l", g["OW"])} * {g["SH"]} + i * {g["DH"]} - {g["PH"]}
+    xx = {mod("l", g["OW"])} * {g["SW"]} + j * {g["DW"]} - {g["PW"]}
     v = {"np.uint16(0)" if d is dt.bf16 else literal(0.0, d)}
     if y >= 0 and y < {g["H"]} and xx >= 0 and xx < {g["W"]}:
         v = x[((n * {g["C"]} + c) * {g["H"]} + y) * {g["W"]} + xx]
@@ -51,26 +61,27 @@ def col2im(name: str, g: dict, d: dt.DType) -> tuple:
     atomics and a deterministic sum."""
     total = g["N"] * g["C"] * g["H"] * g["W"]
     from .prelude import CUDA_PRELUDE
+    div, mod = _div_mod(max(total, g["N"] * g["C"] * g["KH"] * g["KW"] * g["L"]))
     load, store = ("_bf16_load", "_bf16_bits") if d is dt.bf16 else ("", "")
     src = CUDA_PRELUDE + "\n" + f'''@cuda.jit
 def {name}(dcol, dx):
     t = cuda.grid(1)
     if t >= {total}:
         return
-    w = t % {g["W"]}
-    r = t // {g["W"]}
-    h = r % {g["H"]}
-    r = r // {g["H"]}
-    c = r % {g["C"]}
-    n = r // {g["C"]}
+    w = {mod("t", g["W"])}
+    r = {div("t", g["W"])}
+    h = {mod("r", g["H"])}
+    r = {div("r", g["H"])}
+    c = {mod("r", g["C"])}
+    n = {div("r", g["C"])}
     acc = {literal(0.0, d)}
     for i in range({g["KH"]}):
         yy = h + {g["PH"]} - i * {g["DH"]}
-        if yy >= 0 and yy % {g["SH"]} == 0 and yy // {g["SH"]} < {g["OH"]}:
+        if yy >= 0 and {mod("yy", g["SH"])} == 0 and {div("yy", g["SH"])} < {g["OH"]}:
             for j in range({g["KW"]}):
                 xx = w + {g["PW"]} - j * {g["DW"]}
-                if xx >= 0 and xx % {g["SW"]} == 0 and xx // {g["SW"]} < {g["OW"]}:
-                    acc = acc + {load}(dcol[(((n * {g["C"]} + c) * {g["KH"]} + i) * {g["KW"]} + j) * {g["L"]} + (yy // {g["SH"]}) * {g["OW"]} + xx // {g["SW"]}])
+                if xx >= 0 and {mod("xx", g["SW"])} == 0 and {div("xx", g["SW"])} < {g["OW"]}:
+                    acc = acc + {load}(dcol[(((n * {g["C"]} + c) * {g["KH"]} + i) * {g["KW"]} + j) * {g["L"]} + {div("yy", g["SH"])} * {g["OW"]} + {div("xx", g["SW"])}])
     dx[t] = {store}(acc)
 '''
     return src, (total + BLOCK - 1) // BLOCK, BLOCK

@@ -32,8 +32,23 @@ _M = np.uint64(0xFFFFFFFF)
 if numba.config.ENABLE_CUDASIM:   # the simulator has no libdevice bit casts: numpy's
     _as_float = lambda i: np.uint32(i).view(np.float32)
     _as_int = lambda f: np.float32(f).view(np.uint32)
+    _lanes = {}
+
+    def _shfl_xor(v, m):
+        """Nor warp shuffles: every thread of the block posts its value and reads its
+        partner's between two barriers (the generated kernels shuffle in every thread)."""
+        t = cuda.threadIdx.x
+        _lanes[t] = v
+        cuda.syncthreads()
+        w = _lanes[t ^ m]
+        cuda.syncthreads()
+        return w
 else:
     _as_float, _as_int = libdevice.int_as_float, libdevice.float_as_int
+
+    @cuda.jit(device=True, inline=True)
+    def _shfl_xor(v, m):
+        return cuda.shfl_xor_sync(0xFFFFFFFF, v, m)
 '''
 
 HELPERS = '''
@@ -65,6 +80,16 @@ def _normal(seed, stream, i):
     u1 = (np.float32(h1 >> _U(8)) + np.float32(1.0)) * np.float32(5.9604644775390625e-08)
     u2 = np.float32(h2 >> _U(8)) * np.float32(5.9604644775390625e-08)
     return math.sqrt(np.float32(-2.0) * math.log(u1)) * math.cos(np.float32(6.2831854820251465) * u2)
+
+
+{deco}
+def _div(a, b):   # a // b for 0 <= a < 2**32, b > 0: unsigned 32-bit, a few instructions on a GPU
+    return np.int64(np.uint32(a) // np.uint32(b))
+
+
+{deco}
+def _mod(a, b):
+    return np.int64(np.uint32(a) % np.uint32(b))
 
 
 {deco}
