@@ -41,16 +41,21 @@ def load(name: str, source: str, backend: str, arch: str = ""):
     return getattr(mod, name)
 
 
-def cached_text(key_parts, name: str, suffix: str, make, versioned: bool = True):
-    """Text (or bytes) derived from generated source — PTX, cubins — kept under its own
-    hash. versioned: the key also holds the flame and Numba versions (off where key_parts
-    pin the compiler themselves)."""
+def cached_path(key_parts, name: str, suffix: str, versioned: bool = True) -> str:
+    """Where cached_text keeps the text for these key parts."""
     import numba
     from .. import __version__
     parts = list(key_parts) + ([__version__, numba.__version__] if versioned else [])
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
-    d = os.path.join(cache_dir(), suffix)
-    path = os.path.join(d, f"{name}_{key}.{suffix}")
+    return os.path.join(cache_dir(), suffix, f"{name}_{key}.{suffix}")
+
+
+def cached_text(key_parts, name: str, suffix: str, make, versioned: bool = True):
+    """Text (or bytes) derived from generated source — PTX, cubins — kept under its own
+    hash. versioned: the key also holds the flame and Numba versions (off where key_parts
+    pin the compiler themselves)."""
+    path = cached_path(key_parts, name, suffix, versioned)
+    d = os.path.dirname(path)
     binary = suffix in ("cubin",)
     if os.path.exists(path):
         with open(path, "rb" if binary else "r") as f:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from ..ir import dtypes as dt
-from .cache import cached_text, load
+from .cache import cached_path, cached_text, load
 from .cuda import module_source
 from .kernel import Described
 
@@ -45,19 +45,49 @@ def kernel_cubin(name: str, src: str, dtypes, cc=(9, 0)) -> tuple:
     GPU) can be carried over. Any NVVM's code for the same source will do, so the key is the
     source, architecture, signature and numba-cuda version."""
     from cuda.core import Linker, LinkerOptions, ObjectCode
-    import numba_cuda
     arch = f"sm_{cc[0]}{cc[1]}"
-    canon = src.replace(f"def {name}(", "def kernel(")
 
     def make():
         ptx = kernel_ptx(name, src, dtypes, cc)
         entry = re.search(r"\.entry\s+([\w$]+)\s*\(", ptx).group(1)
         cubin = Linker(ObjectCode.from_ptx(ptx.encode()), options=LinkerOptions(arch=arch)).link("cubin").code
         return entry.encode() + b"\0" + bytes(cubin)
-    blob = cached_text([canon, arch, repr([d.name for d in dtypes]), numba_cuda.__version__],
-                       "kernel", "cubin", make, versioned=False)
+    blob = cached_text(_cubin_key(name, src, dtypes, cc), "kernel", "cubin", make, versioned=False)
     entry, _, cubin = blob.partition(b"\0")
     return entry.decode(), cubin
+
+
+def _cubin_key(name, src, dtypes, cc) -> list:
+    import numba_cuda
+    canon = src.replace(f"def {name}(", "def kernel(")
+    return [canon, f"sm_{cc[0]}{cc[1]}", repr([d.name for d in dtypes]), numba_cuda.__version__]
+
+
+def _compile_job(job):
+    name, src, dtype_names, cc = job
+    kernel_cubin(name, src, [dt.by_name(n) for n in dtype_names], cc)
+
+
+def compile_cubins(jobs, workers: int | None = None) -> int:
+    """Compile the kernels of `jobs` ((name, source, dtypes, cc) each) that are not cached
+    yet, in parallel worker processes (NVVM compiles one kernel at a time, and a UNet step
+    has hundreds); kernel_cubin then reads them from the cache. Returns how many compiled."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    todo, seen = [], set()
+    for name, src, dtypes, cc in jobs:
+        path = cached_path(_cubin_key(name, src, dtypes, cc), "kernel", "cubin", versioned=False)
+        if path not in seen and not os.path.exists(path):
+            seen.add(path)
+            todo.append((name, src, [d.name for d in dtypes], tuple(cc)))
+    workers = min(workers or os.cpu_count() or 1, len(todo))
+    if workers < 2:
+        return 0
+    # spawn, not fork: the parent may hold a CUDA context, which a forked child must not touch
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        list(pool.map(_compile_job, todo, chunksize=max(1, len(todo) // (4 * workers))))
+    return len(todo)
 
 
 def compile_ptx(desc: Described, name: str, cc=(9, 0), block: int = 256) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..codegen import cuda as cuda_render
 from ..codegen import library_cuda as lib
+from ..codegen.ptx import compile_cubins
 from ..codegen.schedule import make_schedule
 from ..ir.graph import Graph
 from . import arena
@@ -71,6 +72,12 @@ class CudaRunner:
             self.buf = self.dev.allocate(ws_off + WORKSPACE, stream=self.stream)
             self.base = int(self.buf.handle)
             self.cublas = Handle(self.hstream, self.base + ws_off, WORKSPACE, tf32)
+        self._jobs = []   # a first pass only lists the kernels, which compile in parallel
+        for k in self.kernels:
+            if sched.runs(k):
+                self._step(k)
+        compile_cubins(self._jobs)
+        self._jobs = None
         self.steps = [self._step(k) for k in self.kernels if sched.runs(k)]
         self.launches = sum(n for _, n in self.steps)
         self.exec = None
@@ -109,6 +116,9 @@ class CudaRunner:
 
     # ---- compilation
     def _compile(self, name, src, dtypes):
+        if self._jobs is not None:
+            self._jobs.append((name, src, dtypes, self.cc))
+            return None
         from cuda.core import ObjectCode
         from ..codegen.ptx import kernel_cubin
         entry, cubin = kernel_cubin(name, src, dtypes, self.cc)
