@@ -2,6 +2,7 @@
 CUDA simulator on tiny shapes (a few blocks of 32 threads) against the interpreter, and every
 generated kernel of the test graphs compiles to PTX, float32 kernels without float64 math."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,9 @@ GRAPHS = {
     "bf16_storage": ("lambda x, b: F.softmax((x.cast('bf16') @ x.cast('bf16').T) * b[:5].cast('bf16'), dim=-1).cast('f32')", [(5, 33), (33,)]),
     "multi_output_group_norm_backward": ("flame.value_and_grad(lambda x, w, b: (F.group_norm(x, 2, w, b) * x).sum(), argnums=(0, 1, 2))", [(2, 4, 5, 5), (4,), (4,)]),
     "training_step": ("flame.value_and_grad(lambda x, b: (F.softmax(x * b, dim=-1) * F.layer_norm(x, (12,))).sum(), argnums=(0, 1))", [(4, 12), (12,)]),
+    # rows shared by several warps (shuffles, then one shared slot per warp), two rows a
+    # block and an odd number of rows (the last block's spare rows must store nothing)
+    "rows_across_warps": ("flame.value_and_grad(lambda x, b: (F.softmax(x, dim=-1) * F.layer_norm(x, (300,), b, b)).sum(), argnums=(0, 1))", [(3, 300), (300,)], 128),
 }
 
 SIM_SCRIPT = textwrap.dedent("""
@@ -44,12 +48,12 @@ SIM_SCRIPT = textwrap.dedent("""
     from flame.runtime.cpu import CpuRunner
     from flame.ir.interp import run_graph
     sp.MIN_INNER, sp.ROW_BLOCKS, sp.COLUMN_THREADS = 16, 4, 32   # split even tiny reductions
-    src, shapes, seed = json.loads(sys.argv[1])
+    src, shapes, block, seed = json.loads(sys.argv[1])
     rng = np.random.default_rng(seed)
     xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     g = flame.compile(eval(src), *xs).graph
     feeds = {n.attrs["name"]: x for n, x in zip(g.inputs, xs)}
-    r = CpuRunner(g, "cuda-sim", 32)
+    r = CpuRunner(g, "cuda-sim", block)
     got, ref = r.run(feeds), run_graph(g, feeds)
     err = max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-6)) for a, b in zip(got, ref))
     print(json.dumps({"err": err, "kernels": [k.name for k in r.kernels]}))
@@ -59,9 +63,10 @@ SIM_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("name", list(GRAPHS))
 def test_fusion_class_runs_under_cuda_simulator(name, tmp_path):
     import json
-    src, shapes = GRAPHS[name]
+    src, shapes, *block = GRAPHS[name]
     env = dict(os.environ, FLAME_CACHE_DIR=str(tmp_path), NUMBA_ENABLE_CUDASIM="1")
-    out = subprocess.run([sys.executable, "-c", SIM_SCRIPT, json.dumps([src, shapes, int(rng.integers(1 << 30))])],
+    arg = json.dumps([src, shapes, block[0] if block else 32, int(rng.integers(1 << 30))])
+    out = subprocess.run([sys.executable, "-c", SIM_SCRIPT, arg],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -78,11 +83,11 @@ def test_every_generated_kernel_compiles_to_ptx_without_float64(tmp_path, monkey
     from flame.codegen.ptx import compile_ptx, float64_instructions
     monkeypatch.setenv("FLAME_CACHE_DIR", str(tmp_path))
     count = 0
-    for name, (src, shapes) in GRAPHS.items():
+    for name, (src, shapes, *_) in GRAPHS.items():
         for k in fuse(_graph(src, shapes)):
             if k.kind == "L":
                 continue
-            ptx = compile_ptx(describe(k), k.name, cc=(9, 0))
+            ptx = compile_ptx(describe(k, 256), k.name, cc=(9, 0))
             assert ".entry" in ptx
             assert float64_instructions(ptx) == [], f"{name}: {k.name} has float64 math"
             count += 1
@@ -95,7 +100,7 @@ def test_float64_check_catches_float64_math(tmp_path, monkeypatch):
     x = rng.standard_normal((4, 8)).astype(np.float32)
     g = flame.compile(lambda x: (x.cast("f64") * 2.5).exp().cast("f32"), x).graph
     (k,) = fuse(g)
-    assert float64_instructions(compile_ptx(describe(k), k.name)) != []
+    assert float64_instructions(compile_ptx(describe(k, 256), k.name)) != []
 
 
 def test_library_kernels_compile_to_ptx(tmp_path, monkeypatch):
@@ -180,3 +185,61 @@ def test_bf16_compute_with_float32_master_weights():
     assert losses["cpu"][-1] < losses["cpu"][0]
     np.testing.assert_allclose(losses["cpu"], losses["interp"], rtol=1e-5)
     np.testing.assert_allclose(losses["cpu_w"], losses["interp_w"], rtol=1e-5, atol=1e-6)
+
+
+def _kernel_source(fn, *shapes, block=256):
+    from flame.codegen.schedule import make_schedule
+    xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    sched = make_schedule(flame.compile(fn, *xs).graph, "cuda", block)
+    return {k.name: sched.source(k, with_prelude=False) for k in sched.kernels if k.root.id in sched.descs}
+
+
+def test_kernels_index_by_their_flat_loop_index_and_divide_unsigned():
+    """A buffer shaped like the iteration space, or reshaped from one, is read at the loop's
+    own flat index (no unravel and re-linearise); the coordinates that remain split with
+    unsigned 32-bit _div/_mod, not Python's signed 64-bit floor division."""
+    src = _kernel_source(lambda x, m: x.reshape(2, 4, 30) - m, (8, 30), (2, 1, 30))
+    (s,) = src.values()
+    assert re.search(r"= p\d\[o\]", s), s             # x through the reshape: the flat index
+    assert "_div(o, 120)" in s and "//" not in s.replace("cuda.threadIdx.x", ""), s
+    # rows: a row's element at o * n_inner + r, never through the coordinates
+    (s,) = _kernel_source(lambda x: F.softmax(x.reshape(6, 50), dim=-1), (3, 100)).values()
+    assert "o * 50 + r" in s and " _div(" not in s and "rc_" in s, s   # and held in registers
+
+
+def test_split_flat_falls_back_to_signed_division_past_2_31():
+    from flame.codegen.kernel import split_flat
+    assert split_flat("i", (4, 6)) == ["_div(i, 6)", "_mod(i, 6)"]
+    assert split_flat("i", (1 << 20, 1 << 12)) == ["(i // 4096)", "(i % 4096)"]
+
+
+@pytest.mark.parametrize("n,block,threads,rows_per_block", [
+    (768, 256, 128, 2), (4096, 256, 256, 1), (77, 256, 16, 16), (5, 256, 1, 256), (20000, 1024, 1024, 1)])
+def test_rows_get_threads_by_their_length(n, block, threads, rows_per_block):
+    from flame.codegen import cuda as cr
+    from flame.codegen.schedule import make_schedule
+    x = rng.standard_normal((3, n)).astype(np.float32)
+    sched = make_schedule(flame.compile(lambda x: F.softmax(x, dim=-1), x).graph, "cuda", block)
+    (d,) = sched.descs.values()
+    assert (d.row_threads, cr.rows_per_block(d, block)) == (threads, rows_per_block)
+    grid, blk = cr.launch_dims(d, block)
+    assert blk == threads * rows_per_block and grid * rows_per_block >= 3
+
+
+def test_cubins_compile_in_parallel_workers_once(tmp_path, monkeypatch):
+    """CudaRunner lists its kernels first and compiles the missing ones in worker processes;
+    a second runner over the same graph finds every cubin cached."""
+    pytest.importorskip("cuda.core")
+    from flame.codegen import ptx
+    from flame.runtime.cuda import CudaRunner
+    monkeypatch.setenv("FLAME_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = ptx.compile_cubins
+    monkeypatch.setattr("flame.runtime.cuda.compile_cubins", lambda jobs: calls.append(real(jobs, workers=2)))
+    x = rng.standard_normal((4, 40)).astype(np.float32)
+    g = flame.compile(flame.value_and_grad(lambda x: (F.layer_norm(x, (40,)) * x.exp()).sum()), x).graph
+    r = CudaRunner(g, compile_only=(9, 0))
+    assert calls[0] >= 2 and len(list((tmp_path / "kernels" / "cubin").iterdir())) == calls[0]
+    assert set(r.sources) == {k.name for k in r.kernels if k.root.id in r.descs}
+    CudaRunner(g, compile_only=(9, 0))
+    assert calls[1] == 0
