@@ -59,20 +59,40 @@ def flame_runner(fn, *inputs, **opts):
 
 
 def row(name, flame_ms, torch_ms, bytes_=None, flops=None, note=""):
-    r = {"bench": name, "flame_ms": round(flame_ms, 4), "torch_ms": round(torch_ms, 4),
-         "speedup": round(torch_ms / flame_ms, 3) if flame_ms else None, "note": note}
+    has_torch = torch_ms == torch_ms   # NaN: not timed in torch
+    r = {"bench": name, "flame_ms": round(flame_ms, 4), "torch_ms": round(torch_ms, 4) if has_torch else None,
+         "speedup": round(torch_ms / flame_ms, 3) if flame_ms and has_torch else None, "note": note}
     if bytes_:
         r["flame_GBps"] = round(bytes_ / flame_ms / 1e6, 1)
-        r["torch_GBps"] = round(bytes_ / torch_ms / 1e6, 1)
+        r["torch_GBps"] = round(bytes_ / torch_ms / 1e6, 1) if has_torch else None
     if flops:
         r["flame_TFLOPs"] = round(flops / flame_ms / 1e9, 1)
-        r["torch_TFLOPs"] = round(flops / torch_ms / 1e9, 1)
+        r["torch_TFLOPs"] = round(flops / torch_ms / 1e9, 1) if has_torch else None
     ROWS.append(r)
     print(json.dumps(r), flush=True)
 
 
 def rnd(*shape):
     return np.random.default_rng().standard_normal(shape).astype(np.float32)
+
+
+COPY_GBPS = {}
+
+
+def bench_copy():
+    """The bandwidth roofline: a device-to-device copy of 256 MiB (bytes read + written)."""
+    n = 1 << 26
+    tx = torch.empty(n, device="cuda").normal_()
+    ty = torch.empty_like(tx)
+    ms = median_ms_torch(lambda: ty.copy_(tx))
+    COPY_GBPS["hbm"] = 8 * n / ms / 1e6
+    ROWS.append({"bench": "device-to-device copy 256 MiB (torch)", "torch_ms": round(ms, 4),
+                 "torch_GBps": round(COPY_GBPS["hbm"], 1), "note": "the roofline below"})
+    print(ROWS[-1], flush=True)
+
+
+def roofline(bytes_, ms):
+    return f"{100 * bytes_ / ms / 1e6 / COPY_GBPS['hbm']:.0f}% of copy bandwidth" if COPY_GBPS else ""
 
 
 def bench_elementwise():
@@ -89,22 +109,30 @@ def bench_elementwise():
         note=f"flame at {100 * copy_ms / ms:.0f}% of copy bandwidth")
 
 
-def bench_rows():
-    cases = [
-        ("softmax 4096x4096", lambda x: F.softmax(x, dim=-1), lambda t: torch.softmax(t, -1), (4096, 4096)),
-        ("layer_norm 8192x768", lambda x: F.layer_norm(x, (768,)), lambda t: torch.nn.functional.layer_norm(t, (768,)), (8192, 768)),
-        ("group_norm 2x320x64x64", lambda x: F.group_norm(x, 32), lambda t: torch.nn.functional.group_norm(t, 32), (2, 320, 64, 64)),
-    ]
+ROW_CASES = [
+    ("softmax 4096x4096", lambda x: F.softmax(x, dim=-1), lambda t: torch.softmax(t, -1), (4096, 4096)),
+    ("layer_norm 8192x768", lambda x: F.layer_norm(x, (768,)), lambda t: torch.nn.functional.layer_norm(t, (768,)), (8192, 768)),
+    ("group_norm 2x320x64x64", lambda x: F.group_norm(x, 32), lambda t: torch.nn.functional.group_norm(t, 32), (2, 320, 64, 64)),
+    # SD 1.5 at 64x64 latents: the first transformer's layer_norm, cross-attention softmax
+    ("layer_norm 8192x320", lambda x: F.layer_norm(x, (320,)), lambda t: torch.nn.functional.layer_norm(t, (320,)), (8192, 320)),
+    ("softmax 65536x77", lambda x: F.softmax(x, dim=-1), lambda t: torch.softmax(t, -1), (65536, 77)),
+]
+
+
+def bench_rows(opts=None, tag="", cases=ROW_CASES, torch_too=True):
+    """fwd: f(x); fwd+bwd: the value and x-gradient of sum(f(x) * w). Rates count the fewest
+    bytes each must move: x in and y out (fwd); x and w in, the gradient out (fwd+bwd)."""
     for name, ff, tf, shape in cases:
         x = rnd(*shape)
         n = x.size
-        fr = flame_runner(ff, x)
+        fr = flame_runner(ff, x, **(opts or {}))
         tx = torch.from_numpy(x).cuda()
-        row(f"{name} fwd", median_ms_flame(fr), median_ms_torch(lambda: tf(tx)), bytes_=8 * n,
-            note=f"{len(fr.kernels)} kernel(s)")
+        f_ms = median_ms_flame(fr)
+        t_ms = median_ms_torch(lambda: tf(tx)) if torch_too else float("nan")
+        row(f"{name} fwd{tag}", f_ms, t_ms, bytes_=8 * n, note=f"{fr.launches} launch(es); {roofline(8 * n, f_ms)}")
         w = rnd(*shape)
         vg = flame.value_and_grad(lambda x: (ff(x) * flame.const(w)).sum())
-        fr = flame_runner(vg, x)
+        fr = flame_runner(vg, x, **(opts or {}))
         tw = torch.from_numpy(w).cuda()
         txg = tx.clone().requires_grad_(True)
 
@@ -112,7 +140,27 @@ def bench_rows():
             y = tf(txg)
             (g,) = torch.autograd.grad((y * tw).sum(), txg)
             return g
-        row(f"{name} fwd+bwd", median_ms_flame(fr), median_ms_torch(torch_fb), note=f"{len(fr.kernels)} kernels")
+        f_ms = median_ms_flame(fr)
+        t_ms = median_ms_torch(torch_fb) if torch_too else float("nan")
+        row(f"{name} fwd+bwd{tag}", f_ms, t_ms, bytes_=12 * n, note=f"{fr.launches} launches; {roofline(12 * n, f_ms)}")
+
+
+def bench_sweep():
+    """The renderer's tunables, each against the default (rows: `block` threads per block
+    and ROW_ELEMENTS elements per thread; elementwise: elements per thread)."""
+    from flame.codegen import cuda as cr, kernel as kd
+    for per in (1, 2, 8):
+        cr.ELEMENTWISE_PER_THREAD, keep = per, cr.ELEMENTWISE_PER_THREAD
+        n = 1 << 24
+        x = rnd(n)
+        fr = flame_runner(lambda x: ((x * 1.5 + 1.0).tanh() * 0.5 + x).sigmoid() * x - 0.25, x)
+        ms = median_ms_flame(fr)
+        row(f"sweep: elementwise chain 16M, {per} per thread", ms, float("nan"), bytes_=8 * n, note=roofline(8 * n, ms))
+        cr.ELEMENTWISE_PER_THREAD = keep
+    for block, elems in ((128, 8), (512, 8), (1024, 8), (256, 4), (256, 16)):
+        kd.ROW_ELEMENTS, keep = elems, kd.ROW_ELEMENTS
+        bench_rows({"block": block}, f" [block {block}, {elems}/thread]", ROW_CASES[:2] + ROW_CASES[3:], torch_too=False)
+        kd.ROW_ELEMENTS = keep
 
 
 def bench_gemm():
@@ -249,11 +297,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     ap.add_argument("--only", default="")
+    ap.add_argument("--sweep", action="store_true", help="also time the renderer's tunables")
     args = ap.parse_args()
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    bench_copy()
     for name, fn in (("elementwise", bench_elementwise), ("rows", bench_rows), ("gemm", bench_gemm),
-                     ("conv", bench_conv), ("block", bench_block)):
-        if args.only and name not in args.only.split(","):
+                     ("conv", bench_conv), ("block", bench_block), ("sweep", bench_sweep)):
+        if (args.only and name not in args.only.split(",")) or (name == "sweep" and not args.sweep):
             continue
         try:
             fn()

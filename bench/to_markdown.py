@@ -11,10 +11,12 @@ def table(path: str) -> str:
         if "flame_ms" in r:
             rate = ""
             if "flame_GBps" in r:
-                rate = f"{r['flame_GBps']} / {r['torch_GBps']} GB/s"
+                rate = f"{r['flame_GBps']} / {r['torch_GBps'] or '-'} GB/s"
             if "flame_TFLOPs" in r:
-                rate = f"{r['flame_TFLOPs']} / {r['torch_TFLOPs']} TFLOP/s"
-            rows.append(f"| {r['bench']} | {r['flame_ms']} | {r['torch_ms']} | {r['speedup']} | {rate} | {r['note']} |")
+                rate = f"{r['flame_TFLOPs']} / {r['torch_TFLOPs'] or '-'} TFLOP/s"
+            rows.append(f"| {r['bench']} | {r['flame_ms']} | {r['torch_ms'] or '-'} | {r['speedup'] or '-'} | {rate} | {r['note']} |")
+        elif "torch_GBps" in r:
+            rows.append(f"| {r['bench']} | | {r['torch_ms']} | | {r['torch_GBps']} GB/s | {r['note']} |")
         elif "value" in r:
             rows.append(f"| {r['bench']} | {r['value']} launches | | | | host {r['host_us_per_launch']} µs per launch at graph replay |")
         elif "error" in r:
