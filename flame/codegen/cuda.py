@@ -79,25 +79,24 @@ def render(desc: Described, name: str, block: int = 256) -> str:
                 f"        if o < {desc.n_outer}:"]
         ind = "            "
     out += [ind + l for l in unravel("o", desc.outer_dims, k.full, {d: f"o{d}" for d in desc.outer_dims})]
+
+    def inner_loop(body, tail):   # this thread's output alone, over its reduced axes
+        lines = unravel("r", desc.inner_dims, k.full, inames) + body.lines + tail
+        return [ind + f"for r in range({desc.n_inner}):"] + [ind + "    " + l for l in lines]
+
     for line in desc.row.lines:
         if not isinstance(line, tuple):
             out.append(ind + line)
             continue
-        acc, op, d, body, val, res = desc.reductions[line[1]]   # this thread's output alone
+        acc, op, d, body, val, res = desc.reductions[line[1]]
         out.append(ind + f"{acc} = {_init(op, d)}")
-        out.append(ind + f"for r in range({desc.n_inner}):")
-        out += [ind + "    " + l for l in unravel("r", desc.inner_dims, k.full, inames)]
-        out += [ind + "    " + l for l in body.lines]
-        out.append(ind + f"    {acc} = {_combine(op, acc, val)}")
+        out += inner_loop(body, [f"{acc} = {_combine(op, acc, val)}"])
         out.append(ind + f"{res} = " + (f"_bf16_round({acc})" if d is dt.bf16 else acc))
     for param, idx, val, d in desc.row_stores:
         out.append(ind + f"{param}[{idx}] = {_store(d, val)}")
     if desc.full_store is not None:   # values over the reduced axes too, after the reductions
         body, idx, vals = desc.full_store
-        out.append(ind + f"for r in range({desc.n_inner}):")
-        out += [ind + "    " + l for l in unravel("r", desc.inner_dims, k.full, inames)]
-        out += [ind + "    " + l for l in body.lines]
-        out += [ind + f"    {param}[{idx}] = {_store(d, val)}" for param, val, d in vals]
+        out += inner_loop(body, [f"{param}[{idx}] = {_store(d, val)}" for param, val, d in vals])
     return "\n".join(drop_unused(out)) + "\n"
 
 

@@ -434,19 +434,26 @@ def describe(kernel: Kernel, row_block: int = 0) -> Described:
     return Describer(kernel, row_block).describe()
 
 
+def div_mod(total: int):
+    """Formatters of floor division and remainder for non-negative indices below `total`:
+    unsigned 32-bit (_div/_mod in the prelude, a few instructions on the GPU, where signed
+    64-bit floor division costs dozens) below 2**31, else Python's own."""
+    if total < 2 ** 31:
+        return "_div({}, {})".format, "_mod({}, {})".format
+    return "({} // {})".format, "({} % {})".format
+
+
 def split_flat(var: str, shape: tuple) -> list:
-    """Expressions of the coordinates of flat index `var` in a contiguous array of `shape`.
-    Below 2**31 elements they divide as unsigned 32-bit numbers (_div/_mod in the prelude):
-    a few instructions on the GPU, where signed 64-bit floor division costs dozens."""
+    """Expressions of the coordinates of flat index `var` in a contiguous array of `shape`."""
     total = math.prod(shape)
-    div, mod = ("_div({}, {})", "_mod({}, {})") if total < 2 ** 31 else ("({} // {})", "({} % {})")
+    div, mod = div_mod(total)
     out = []
     for s, k in zip(shape, strides_of(shape)):
         if s == 1:
             out.append("0")
             continue
-        e = var if k == 1 else div.format(var, k)
-        out.append(e if k * s == total else mod.format(e, s))
+        e = var if k == 1 else div(var, k)
+        out.append(e if k * s == total else mod(e, s))
     return out
 
 

@@ -4,7 +4,7 @@ constants, like every generated kernel; the source is printable and cached the s
 from __future__ import annotations
 
 from ..ir import dtypes as dt
-from .kernel import literal
+from .kernel import div_mod, literal, split_flat
 
 HEAD = "import math\nimport numpy as np\nimport numba\nfrom numba import cuda\n\n\n"
 BLOCK = 256
@@ -20,32 +20,22 @@ def conv_geometry(x_shape, w_shape, a):
                 OH=oh, OW=ow, L=oh * ow, G=a["groups"], K=cg * kh * kw)
 
 
-def _div_mod(total: int):
-    """Floor division and remainder of non-negative indices: unsigned 32-bit (the prelude's
-    _div/_mod, a few instructions) when every index fits, else Python's signed 64-bit ones."""
-    if total < 2 ** 31:
-        return "_div({}, {})".format, "_mod({}, {})".format
-    return "({} // {})".format, "({} % {})".format
-
-
 def im2col(name: str, g: dict, d: dt.DType) -> tuple:
     """col[n, c, i, j, l] = x[n, c, y*SH + i*DH - PH, x*SW + j*DW - PW] (0 outside)."""
     from .prelude import CUDA_PRELUDE
     total = g["N"] * g["C"] * g["KH"] * g["KW"] * g["L"]
-    div, mod = _div_mod(max(total, g["N"] * g["C"] * g["H"] * g["W"]))
+    n, c, i, j, l = split_flat("t", (g["N"], g["C"], g["KH"], g["KW"], g["L"]))
+    div, mod = div_mod(total)
     src = CUDA_PRELUDE + "\n" + f'''@cuda.jit
 def {name}(x, col):
     t = cuda.grid(1)
     if t >= {total}:
         return
-    l = {mod("t", g["L"])}
-    r = {div("t", g["L"])}
-    j = {mod("r", g["KW"])}
-    r = {div("r", g["KW"])}
-    i = {mod("r", g["KH"])}
-    r = {div("r", g["KH"])}
-    c = {mod("r", g["C"])}
-    n = {div("r", g["C"])}
+    n = {n}
+    c = {c}
+    i = {i}
+    j = {j}
+    l = {l}
     y = {div("l", g["OW"])} * {g["SH"]} + i * {g["DH"]} - {g["PH"]}
     xx = {mod("l", g["OW"])} * {g["SW"]} + j * {g["DW"]} - {g["PW"]}
     v = {"np.uint16(0)" if d is dt.bf16 else literal(0.0, d)}
@@ -61,19 +51,18 @@ def col2im(name: str, g: dict, d: dt.DType) -> tuple:
     atomics and a deterministic sum."""
     total = g["N"] * g["C"] * g["H"] * g["W"]
     from .prelude import CUDA_PRELUDE
-    div, mod = _div_mod(max(total, g["N"] * g["C"] * g["KH"] * g["KW"] * g["L"]))
+    n, c, h, w = split_flat("t", (g["N"], g["C"], g["H"], g["W"]))
+    div, mod = div_mod(total)
     load, store = ("_bf16_load", "_bf16_bits") if d is dt.bf16 else ("", "")
     src = CUDA_PRELUDE + "\n" + f'''@cuda.jit
 def {name}(dcol, dx):
     t = cuda.grid(1)
     if t >= {total}:
         return
-    w = {mod("t", g["W"])}
-    r = {div("t", g["W"])}
-    h = {mod("r", g["H"])}
-    r = {div("r", g["H"])}
-    c = {mod("r", g["C"])}
-    n = {div("r", g["C"])}
+    n = {n}
+    c = {c}
+    h = {h}
+    w = {w}
     acc = {literal(0.0, d)}
     for i in range({g["KH"]}):
         yy = h + {g["PH"]} - i * {g["DH"]}
