@@ -107,6 +107,10 @@ def bench_elementwise():
     row("elementwise chain 16M f32 (vs torch eager)", ms, t_ms, bytes_=8 * n)
     row("elementwise chain 16M f32 (vs torch D2D copy)", ms, copy_ms, bytes_=8 * n,
         note=f"flame at {100 * copy_ms / ms:.0f}% of copy bandwidth")
+    n = 1 << 26   # the roofline copy's size
+    fr = flame_runner(fn, rnd(n))
+    ms = median_ms_flame(fr)
+    row("elementwise chain 64M f32 (256 MiB in, 256 MiB out)", ms, float("nan"), bytes_=8 * n, note=roofline(8 * n, ms))
 
 
 ROW_CASES = [

@@ -32,6 +32,9 @@ GRAPHS = {
     "pad_concat_upsample": ("lambda x, b: flame.cat([F.pad(x, (1, 1, 2, 0)), F.interpolate(x[None, None], scale_factor=2)[0, 0][:3, :5]], 0) + b[0]", [(3, 3), (2,)]),
     "random_where": ("lambda x, b: F.dropout(x, 0.3, seed=5) + flame.rand_normal(x.shape, seed=1) * b", [(4, 8), (8,)]),
     "bf16_storage": ("lambda x, b: F.softmax((x.cast('bf16') @ x.cast('bf16').T) * b[:5].cast('bf16'), dim=-1).cast('f32')", [(5, 33), (33,)]),
+    # rows of 32 split over their own trailing axis: both moments in one kernel (siblings),
+    # their final sums in another, x - shift recomputed in each reader
+    "group_norm_split_moments": ("lambda x, b: F.group_norm(x + 40.0, 2, b, b)", [(1, 4, 4, 4), (4,)]),
     "multi_output_group_norm_backward": ("flame.value_and_grad(lambda x, w, b: (F.group_norm(x, 2, w, b) * x).sum(), argnums=(0, 1, 2))", [(2, 4, 5, 5), (4,), (4,)]),
     "training_step": ("flame.value_and_grad(lambda x, b: (F.softmax(x * b, dim=-1) * F.layer_norm(x, (12,))).sum(), argnums=(0, 1))", [(4, 12), (12,)]),
     # rows shared by several warps (shuffles, then one shared slot per warp), two rows a
@@ -47,7 +50,7 @@ SIM_SCRIPT = textwrap.dedent("""
     import flame.codegen.split as sp
     from flame.runtime.cpu import CpuRunner
     from flame.ir.interp import run_graph
-    sp.MIN_INNER, sp.ROW_BLOCKS, sp.COLUMN_THREADS = 16, 4, 32   # split even tiny reductions
+    sp.MIN_INNER, sp.ROW_BLOCKS, sp.COLUMN_THREADS, sp.AXIS_ROW = 16, 4, 32, 8   # split even tiny reductions
     src, shapes, block, seed = json.loads(sys.argv[1])
     rng = np.random.default_rng(seed)
     xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -72,6 +75,8 @@ def test_fusion_class_runs_under_cuda_simulator(name, tmp_path):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["err"] < 1e-4, res
     assert any(k.startswith(("E_", "R_")) for k in res["kernels"]), res
+    if name == "group_norm_split_moments":   # partial moments, final sums, normalisation
+        assert len(res["kernels"]) == 3, res
 
 
 def _graph(src, shapes):

@@ -144,6 +144,95 @@ def test_multi_output_kernel_stores_every_value_used_outside_it():
     assert all(not k.extra for k in off.kernels)
 
 
+# ---------------------------------------------------------------- recompute, siblings, split rows
+
+
+def test_a_cheap_value_read_by_two_kernels_is_recomputed_in_each_not_stored():
+    """h is read by sums over two different rows: each kernel computes h itself."""
+    def fn(x, b):
+        h = (x * 2.0 + b).tanh()
+        return h.sum(0), h.sum(2)
+    ks = compiled(fn, X, B8).runner.kernels
+    h = [n for n in ks[0].nodes if n.op == "tanh"]
+    assert len(ks) == 2 and h
+    assert all((h[0], "recompute") in k.fused for k in ks)
+    assert not any(h[0] in k.out_nodes() for k in ks)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(fusion.RULES, "recompute", False)
+        off = compiled(fn, X, B8).runner.kernels
+    assert any(h2.op == "tanh" for k in off for h2 in k.out_nodes())   # h is stored and read back
+    assert any("recompute is off" in why for k in off for _, why in k.refused)
+
+
+def test_recompute_refuses_a_value_that_would_load_three_tensors_in_each_reader():
+    big = [rng.standard_normal((64, 96)).astype(np.float32) for _ in range(3)]
+
+    def fn(x, y, z):
+        h = x * y + z
+        return h.sum(0), h.sum(1)
+    ks = compiled(fn, *big).runner.kernels
+    assert any(n.op == "add" for k in ks for n in k.out_nodes())   # h is stored once
+    assert not any(rule == "recompute" for k in ks for _, rule in k.fused)
+    assert any("readers would load 3 tensors" in why for k in ks for _, why in k.refused)
+
+
+def test_independent_sums_over_the_same_rows_share_one_kernel():
+    """siblings: sum(x) and sum(x*x) over the same rows read x once, in one kernel."""
+    (k,) = compiled(lambda x: (x.sum(2), (x * x).sum(2)), X).runner.kernels
+    assert len(k.out_nodes()) == 2 and "multi_output" in rules_used(k)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(fusion.RULES, "multi_output", False)
+        assert len(compiled(lambda x: (x.sum(2), (x * x).sum(2)), X).runner.kernels) == 2
+
+
+def _gn_reference(x, groups, w, b, eps=1e-5):
+    x64 = x.astype(np.float64).reshape(x.shape[0], groups, -1)
+    y = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + eps)
+    return y.reshape(x.shape) * w[None, :, None, None] + b[None, :, None, None]
+
+
+def test_group_norm_with_a_large_mean_keeps_its_precision():
+    """The moments are taken about one of the group's own elements: with a mean 300 times
+    the spread, E[x²] - E[x]² about zero would lose most of float32's digits."""
+    x = (rng.standard_normal((2, 4, 6, 5)) * 0.5 + 150.0).astype(np.float32)
+    w, b = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    got = compiled(lambda x, w, b: F.group_norm(x, 2, w, b), x, w, b)(x, w, b)
+    np.testing.assert_allclose(got, _gn_reference(x, 2, w, b), rtol=1e-3, atol=2e-3)
+
+
+def test_group_norm_at_sd_size_is_three_launches_reading_x_twice():
+    """SD 1.5's group_norm (rows of 40960): partial moments (both in one pass), their final
+    sums (one kernel), the normalisation; x - shift is recomputed, never stored."""
+    x = flame.spec((2, 320, 64, 64), "f32")
+    s = flame.plan(lambda x: F.group_norm(x, 32), x, backend="cuda")
+    runs = [k for k in s.kernels if s.runs(k)]
+    assert len(runs) == 3, [k.name for k in runs]
+    big = [n for k in runs for n in k.out_nodes() if n.size == 2 * 320 * 64 * 64]
+    assert len(big) == 1                                 # only y is written at full size
+    assert sum(1 for k in runs for r in k.reads() if r.op == "input") == 2
+    assert sum(1 for k in runs if any(rule == "recompute" for _, rule in k.fused)) == 2
+
+
+def test_a_loss_sum_splits_along_its_producers_rows_and_joins_their_kernel():
+    """sum(softmax(x) * w): the whole-tensor sum is split over x's own rows, so its partial
+    sums join the softmax's forward and backward row kernel: reading x and w and writing the
+    gradient, plus one short final sum."""
+    x = flame.spec((1024, 1024), "f32")
+    w = rng.standard_normal((1024, 1024)).astype(np.float32)
+    s = flame.plan(flame.value_and_grad(lambda x: (F.softmax(x, dim=-1) * flame.const(w)).sum()), x, backend="cuda")
+    runs = [k for k in s.kernels if s.runs(k)]
+    assert [k.kind for k in runs] == ["R", "R"], [k.name for k in runs]
+    row, final = runs
+    assert (row.full, row.raxes) == ((1024, 1024), (1,)) and len(row.out_nodes()) == 2
+    assert final.full == (1024,)
+
+
+def test_split_loss_sum_on_the_cpu_equals_the_interpreter():
+    x, w = rng.standard_normal((2, 256, 160)).astype(np.float32), rng.standard_normal((2, 256, 160)).astype(np.float32)
+    c = compiled(flame.value_and_grad(lambda x, w: (F.softmax(x, dim=-1) * w).sum(), argnums=(0, 1)), x, w)
+    assert any(n.op == "sum" and n.attrs["axes"] == (2,) and not n.attrs["keepdims"] for n in c.runner.graph.nodes)
+
+
 def test_reduce_prologue_sum_of_squares_is_one_kernel():
     (k,) = compiled(lambda x: (x * x).sum(), X).runner.kernels
     assert k.kind == "R" and rules_used(k) == {"reduce_prologue"}
@@ -182,6 +271,8 @@ def mixed(x, b):
 @pytest.mark.parametrize("rule", ["elementwise_chain", "reduce_prologue", "row_reduction",
                                   "movement_fold"])   # multi_output: its own test above
 def test_switching_a_rule_off_changes_the_schedule_not_the_result(rule, monkeypatch):
+    # multi_output off in both: it would join some of what the rule leaves apart
+    monkeypatch.setitem(fusion.RULES, "multi_output", False)
     on = compiled(mixed, X, B8).runner.kernels
     assert any(r == rule for k in on for _, r in k.fused)
     monkeypatch.setitem(fusion.RULES, rule, False)

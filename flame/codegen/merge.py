@@ -17,15 +17,21 @@ Two kernels join when (each refusal is logged on C with its reason):
 - the joined kernel stays small (MAX_NODES computing nodes, MAX_OUTPUTS stored values).
 An elementwise kernel over a row kernel's full space reads what the row kernel reads, so it
 costs the row kernel only its stores (on the GPU the row's elements are already in registers).
+
+Siblings, kernels over the same space where neither reads what the other writes, join too when
+they read the same tensor (group_norm's two moments: x is read once) or are both small (the
+final stages of their split sums: one launch instead of two).
 """
 from __future__ import annotations
 
+import math
 
 from ..ir.graph import Graph
 from .fusion import MOVEMENT_OPS, REDUCE_OPS, RULES, Kernel, is_literal, is_pointwise
 
 MAX_NODES = 64       # computing (non-movement) nodes in a joined kernel: Numba compile time grows with it
 MAX_OUTPUTS = 4
+SMALL_SIBLINGS = 1 << 16   # elements: independent kernels this small join even without a shared read
 
 
 def _red(full, raxes):
@@ -92,16 +98,22 @@ def _needed(root, ids: set, users, outputs: set) -> bool:
 
 def _join(P: Kernel, C: Kernel, space, users, outputs: set, order: dict) -> Kernel:
     kind, full, raxes = space
-    nodes = sorted(P.nodes + C.nodes, key=lambda n: order[n.id])
+    nodes = sorted(_union(P.nodes, C.nodes), key=lambda n: order[n.id])
     ids = {n.id for n in nodes}
     extra = [(r, s, ch) for r, s, ch in [(P.root, P.store, P.chain)] + P.extra + C.extra
              if _needed(r, ids, users, outputs)]
     k = Kernel(C.root, nodes, kind, full, raxes, store=C.store, chain=set(C.chain))
     k.extra = extra
     k.fused = P.fused + C.fused + [(P.root, "multi_output")]
-    k.refused = [(n, w) for n, w in P.refused + C.refused if n.id not in ids]
+    k.refused = list({(n.id, w): (n, w) for n, w in P.refused + C.refused if n.id not in ids}.values())
     k.merged = P.merged + C.merged + [P.root]
     return k
+
+
+def _union(a: list, b: list) -> list:
+    """The nodes of two kernels, once each (both may recompute the same value)."""
+    ids = {n.id for n in a}
+    return a + [n for n in b if n.id not in ids]
 
 
 def _computing(nodes) -> int:
@@ -131,6 +143,37 @@ def merge_kernels(graph: Graph, kernels: list, is_alias) -> list:
         for p in producers(k):
             readers[id(p)].add(id(k))
 
+    def limits(P, C, space):
+        nodes = _union(P.nodes, C.nodes)
+        ids = {n.id for n in nodes}
+        outs = 1 + sum(_needed(r, ids, users, outputs) for r in [P.root] + [e[0] for e in P.extra + C.extra])
+        if _computing(nodes) > MAX_NODES:
+            return f"together they would compute more than {MAX_NODES} values"
+        if outs > MAX_OUTPUTS:
+            return f"together they would store more than {MAX_OUTPUTS} values"
+        renames = set().union(P.chain, C.chain, *(e[2] for e in P.extra + C.extra))
+        return _rows_safe(sorted(nodes, key=lambda n: order[n.id]), ids, renames, space[1], space[2], users)
+
+    def refuse(C, P, why):
+        # one note per other kernel: the latest reason it was not joined
+        C.refused = [(n, w) for n, w in C.refused if not (n is P.root and w.startswith("multi_output:"))]
+        C.refused.append((P.root, f"multi_output: not joined with the kernel of %{P.root.id}: {why}"))
+
+    def join(P, C, space, at):
+        J = _join(P, C, space, users, outputs, order)
+        ins = [Q for Q in producers(J) if Q is not P and Q is not C]
+        for Q in ins:
+            readers[id(Q)] -= {id(P), id(C)}
+            readers[id(Q)].add(id(J))
+        readers[id(J)] = (readers.pop(id(P)) | readers.pop(id(C))) - {id(P), id(C)}
+        for r in J.out_nodes():
+            made_by[r.id] = J
+        pos[id(J)] = at
+        by_id[id(J)] = J
+        for old in (P, C):
+            del pos[id(old)], by_id[id(old)]
+        return J
+
     for C in list(kernels):
         if C.kind == "L" or is_alias(C):
             continue
@@ -144,43 +187,64 @@ def merge_kernels(graph: Graph, kernels: list, is_alias) -> list:
             space, why = _space(P, C)
             at = None
             if why is None:
-                nodes = P.nodes + C.nodes
-                ids = {n.id for n in nodes}
-                outs = 1 + sum(_needed(r, ids, users, outputs) for r in [P.root] + [e[0] for e in P.extra + C.extra])
-                if _computing(nodes) > MAX_NODES:
-                    why = f"together they would compute more than {MAX_NODES} values"
-                elif outs > MAX_OUTPUTS:
-                    why = f"together they would store more than {MAX_OUTPUTS} values"
+                if all(pos[x] > pos[id(C)] for x in readers[id(P)] if x != id(C)):
+                    at = pos[id(C)]
+                elif all(pos[id(Q)] < pos[id(P)] for Q in producers(C) if Q is not P):
+                    at = pos[id(P)]
                 else:
-                    if all(pos[x] > pos[id(C)] for x in readers[id(P)] if x != id(C)):
-                        at = pos[id(C)]
-                    elif all(pos[id(Q)] < pos[id(P)] for Q in producers(C) if Q is not P):
-                        at = pos[id(P)]
-                    else:
-                        why = "other kernels run between them that read the first or feed the second"
-                if why is None:
-                    renames = set().union(P.chain, C.chain, *(e[2] for e in P.extra + C.extra))
-                    why = _rows_safe(sorted(nodes, key=lambda n: order[n.id]), ids, renames,
-                                     space[1], space[2], users)
+                    why = "other kernels run between them that read the first or feed the second"
+            why = why or limits(P, C, space)
             if why is not None:
-                # one note per producer: the latest reason it was not joined
-                C.refused = [(n, w) for n, w in C.refused if not (n is P.root and w.startswith("multi_output:"))]
-                C.refused.append((P.root, f"multi_output: not joined with the kernel of %{P.root.id}: {why}"))
+                refuse(C, P, why)
                 continue
-            J = _join(P, C, space, users, outputs, order)
-            ins = [Q for Q in producers(J) if Q is not P and Q is not C]
-            for Q in ins:
-                readers[id(Q)] -= {id(P), id(C)}
-                readers[id(Q)].add(id(J))
-            readers[id(J)] = (readers.pop(id(P)) | readers.pop(id(C))) - {id(P), id(C)}
-            for r in J.out_nodes():
-                made_by[r.id] = J
-            pos[id(J)] = at
-            by_id[id(J)] = J
-            for old in (P, C):
-                del pos[id(old)], by_id[id(old)]
-            C = J
+            C = join(P, C, space, at)
             tried = {t for t in tried if t in by_id}
+
+    # siblings: kernels over the same space that do not depend on each other and read the
+    # same tensor (group_norm's two moments read x once) or are both small (their final sums)
+    def depends(B, A):
+        """Whether B reads, through any chain of kernels, what A writes."""
+        stack, seen = [B], set()
+        while stack:
+            K = stack.pop()
+            for Q in producers(K):
+                if Q is A:
+                    return True
+                if id(Q) not in seen and pos[id(Q)] > pos[id(A)]:
+                    seen.add(id(Q))
+                    stack.append(Q)
+        return False
+
+    def shares(A, B):
+        small = max(math.prod(A.full), math.prod(B.full)) <= SMALL_SIBLINGS
+        return small or any(r.id in {q.id for q in B.reads()} for r in A.reads())
+
+    groups = {}
+    for K in sorted(by_id.values(), key=lambda k: pos[id(k)]):
+        if K.kind != "L" and not is_alias(K):
+            groups.setdefault((K.kind, K.full, K.raxes), []).append(K)
+    for group in groups.values():
+        i = 1
+        while i < len(group):
+            B = group[i]
+            for A in group[:i]:
+                if not shares(A, B) or depends(B, A):
+                    continue
+                # the joined kernel runs where B ran when nothing reads A before that, else
+                # where A ran when everything B reads is made before that
+                if all(pos[x] > pos[id(B)] for x in readers[id(A)]):
+                    at = pos[id(B)]
+                elif all(pos[id(Q)] < pos[id(A)] for Q in producers(B)):
+                    at = pos[id(A)]
+                else:
+                    continue
+                space, why = _space(A, B)
+                if (why or limits(A, B, space)) is None:
+                    group[i] = join(A, B, space, at)
+                    group.remove(A)
+                    i -= 1
+                    break
+            i += 1
     joined = sorted(by_id.values(), key=lambda k: pos[id(k)])
     assert _in_dependency_order(joined), "multi_output: the joined kernels are out of dependency order"
     return joined

@@ -108,10 +108,14 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     # statistics and the per-channel affine in one grouped view [N, G, C/G, spatial], so the
     # whole op is one row kernel (reduce over the last two axes, then reshape back)
     xg = x.reshape(n, num_groups, c // num_groups, -1)
-    mean = xg.mean((2, 3), keepdim=True)
-    d = xg - mean
-    var = (d * d).mean((2, 3), keepdim=True)
-    y = d * (var + eps).rsqrt()
+    # both moments in one pass over the group (its rows are long: the compiled backends sum
+    # them in two stages), taken about one of the group's own elements so that E[d²] - E[d]²
+    # loses no precision when the mean is large against the spread. The variance does not
+    # depend on the shift, so no gradient flows through it.
+    d = xg - xg[:, :, :1, :1].detach()
+    m1 = d.mean((2, 3), keepdim=True)
+    var = ((d * d).mean((2, 3), keepdim=True) - m1 * m1).maximum(0.0)
+    y = (d - m1) * (var + eps).rsqrt()
     cshape = (1, num_groups, c // num_groups, 1)
     if weight is not None:
         y = y * _t(weight).reshape(cshape)

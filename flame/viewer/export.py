@@ -73,8 +73,8 @@ def _kernels(sched, names: dict, node_kernel: dict) -> list:
     renames = set(plan.aliases) - set(plan.in_place)
     out = []
     for i, k in enumerate(sched.kernels):
-        for n in k.nodes:
-            node_kernel[n.id] = i
+        for n in k.nodes:   # a value recomputed in several kernels belongs to the first
+            node_kernel.setdefault(n.id, []).append(i)
         if k.root.id in renames:
             note = f"renames {names.get(k.root.inputs[0].id, '?')} as {names[k.root.id]} (no copy)"
         elif k.kind == "L":
@@ -133,7 +133,8 @@ def export(graph, schedule=None) -> dict:
              "shape": list(n.shape), "dtype": n.dtype.name, "scope": view_scope(n), "loc": n.loc,
              "rule": n.rule, "bwd": n.rule is not None, "cat": category(n),
              "args": [arg(i) for i in n.inputs], "output": n.id in outputs,
-             "kernel": node_kernel.get(n.id), "fused_by": fused_by.get(n.id), "mem": None}
+             "kernel": node_kernel.get(n.id, [None])[0], "fused_by": fused_by.get(n.id), "mem": None,
+             "recomputed_in": node_kernel.get(n.id, [])[1:]}
         if n.op == "input":
             d["kind"] = n.attrs["kind"]
         if plan is not None and n.id in plan.offsets:

@@ -233,6 +233,8 @@
       ["kind", n.kind], ["inputs", argRefs.length ? joined(argRefs) : null],
       ["users", users.get(id).length ? joined(users.get(id).slice(0, 40).map(ref)) : null],
       ["output", n.output ? "returned by the graph" : null],
+      ["recomputed", n.recomputed_in && n.recomputed_in.length ? el("span", {}, "also inside ",
+        ...n.recomputed_in.map(ki => el("a", {class: "ref", onclick: () => showKernel(ki)}, "K" + ki + " "))) : null],
       ["memory", n.mem ? fmtBytes(n.mem.bytes) + " at arena offset " + fmtBytes(n.mem.offset) +
         ", live steps " + n.mem.first + "–" + n.mem.last + (n.mem.shares ? " (shares " + n.mem.shares + "'s buffer)" : "") : null],
     ]));
