@@ -5,6 +5,7 @@
 #   BENCH="--sweep"            arguments of bench/gpu_bench.py ("skip" for no benchmark)
 #   .old/ (optional)           an earlier flame/ and bench/, benchmarked first on the same card
 #                              (git archive <commit> flame bench | tar -x -C .old)
+# The benchmark runs before the tests (a run cut by its time limit keeps the figures).
 # Logs and JSON results go to $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -19,14 +20,14 @@ if [ -d .old ] && [ "${BENCH:-}" != skip ]; then
      --only elementwise,rows,block --out "$OUT/before.json" > "$OUT/before.log" 2>&1; tail -4 "$OUT/before.log")
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
+if [ "${BENCH:-}" != skip ]; then
+  echo "== bench"
+  timeout 300 python3 bench/gpu_bench.py ${BENCH:-} --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+  echo "bench exit $?"; sed -n '/^| bench/,$p' "$OUT/bench.log"
+fi
 if [ -n "${TESTS-tests/test_gpu.py}" ]; then
   echo "== tests: ${TESTS-tests/test_gpu.py}"
   timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -q -m gpu ${TESTS-tests/test_gpu.py} -p no:cacheprovider \
     > "$OUT/gpu_tests.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|Error" "$OUT/gpu_tests.log" | tail -8
-fi
-if [ "${BENCH:-}" != skip ]; then
-  echo "== bench"
-  timeout 300 python3 bench/gpu_bench.py ${BENCH:-} --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-  echo "bench exit $?"; sed -n '/^| bench/,$p' "$OUT/bench.log"
 fi

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..ir import dtypes as dt
-from .kernel import Described, drop_unused, unravel
+from .kernel import Described, drop_unused, row_steps, unravel
 from .prelude import CPU_PRELUDE as PRELUDE   # the helpers, shared with the CUDA renderer
 
 PARALLEL_MIN = 1 << 15   # elements: below this, threads cost more than they save
@@ -40,14 +40,15 @@ def render(desc: Described, name: str) -> str:
         lines += [ind + "    " + t for t in tail]
         return lines
 
-    for line in desc.row.lines:
-        if isinstance(line, tuple):
-            acc, op, dtype, body, val, res = desc.reductions[line[1]]
-            out.append(ind + f"{acc} = {_acc_init(op, dtype)}")
-            out += inner_loop(body, [_acc_update(op, acc, val)])
-            out.append(ind + f"{res} = " + (f"_bf16_round({acc})" if dtype is dt.bf16 else acc))
+    for step in row_steps(desc):
+        if isinstance(step, list):   # one stage: reductions sharing one loop
+            reds = [desc.reductions[i] for i in step]
+            out += [ind + f"{acc} = {_acc_init(op, dtype)}" for acc, op, dtype, _, _, _ in reds]
+            out += inner_loop(reds[0][3], [_acc_update(op, acc, val) for acc, op, _, _, val, _ in reds])
+            out += [ind + f"{res} = " + (f"_bf16_round({acc})" if dtype is dt.bf16 else acc)
+                    for acc, _, dtype, _, _, res in reds]
         else:
-            out.append(ind + line)
+            out.append(ind + step)
     store = lambda d, v: f"_bf16_bits({v})" if d is dt.bf16 else v   # noqa: E731
     for param, idx, val, d in desc.row_stores:
         out.append(ind + f"{param}[{idx}] = {store(d, val)}")

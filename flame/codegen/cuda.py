@@ -10,7 +10,7 @@ Every float constant is typed (np.float32(...)), so float32 kernels compile to f
 from __future__ import annotations
 
 from ..ir import dtypes as dt
-from .kernel import Described, drop_unused, literal, unravel
+from .kernel import Described, drop_unused, literal, row_steps, unravel
 from .prelude import CUDA_PRELUDE as PRELUDE   # the helpers, shared with the CPU renderer
 
 
@@ -84,14 +84,14 @@ def render(desc: Described, name: str, block: int = 256) -> str:
         lines = unravel("r", desc.inner_dims, k.full, inames) + body.lines + tail
         return [ind + f"for r in range({desc.n_inner}):"] + [ind + "    " + l for l in lines]
 
-    for line in desc.row.lines:
-        if not isinstance(line, tuple):
-            out.append(ind + line)
+    for step in row_steps(desc):
+        if not isinstance(step, list):
+            out.append(ind + step)
             continue
-        acc, op, d, body, val, res = desc.reductions[line[1]]
-        out.append(ind + f"{acc} = {_init(op, d)}")
-        out += inner_loop(body, [f"{acc} = {_combine(op, acc, val)}"])
-        out.append(ind + f"{res} = " + (f"_bf16_round({acc})" if d is dt.bf16 else acc))
+        reds = [desc.reductions[i] for i in step]   # one stage: one loop, several accumulators
+        out += [ind + f"{acc} = {_init(op, d)}" for acc, op, d, _, _, _ in reds]
+        out += inner_loop(reds[0][3], [f"{acc} = {_combine(op, acc, val)}" for acc, op, _, _, val, _ in reds])
+        out += [ind + f"{res} = " + (f"_bf16_round({acc})" if d is dt.bf16 else acc) for acc, _, d, _, _, res in reds]
     for param, idx, val, d in desc.row_stores:
         out.append(ind + f"{param}[{idx}] = {_store(d, val)}")
     if desc.full_store is not None:   # values over the reduced axes too, after the reductions
@@ -135,27 +135,30 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
         lines += [pre + l for l in body.lines]
         return lines + [pre + t for t in tail]
 
-    for line in desc.row.lines:
-        if not isinstance(line, tuple):
-            out.append(ind + line)
+    for step in row_steps(desc):
+        if not isinstance(step, list):
+            out.append(ind + step)
             continue
-        acc, op, d, body, val, res = desc.reductions[line[1]]
-        out.append(ind + f"{acc} = {_init(op, d)}")
-        out += strided(body, [f"{acc} = {_combine(op, acc, val)}"])
+        reds = [desc.reductions[i] for i in step]   # one stage: one loop, one barrier
+        out += [ind + f"{acc} = {_init(op, d)}" for acc, op, d, _, _, _ in reds]
+        out += strided(reds[0][3], [f"{acc} = {_combine(op, acc, val)}" for acc, op, _, _, val, _ in reds])
         m = min(T, 32) // 2
         while m:   # butterfly within the warp: every lane ends with the whole sum
-            out += [ind + f"t_{acc} = _shfl_xor({acc}, {m})", ind + f"{acc} = {_combine(op, acc, f't_{acc}')}"]
+            for acc, op, *_ in reds:
+                out += [ind + f"t_{acc} = _shfl_xor({acc}, {m})", ind + f"{acc} = {_combine(op, acc, f't_{acc}')}"]
             m //= 2
         if T > 32:   # one slot per warp; every thread then combines its row's warps
-            sm, warps = f"sm_{acc}", T // 32
+            warps = T // 32
             first = "0" if rpb == 1 else f"(tid // {T}) * {warps}"
-            out += [ind + f"{sm} = cuda.shared.array({rpb * warps}, {NUMBA_TYPE[d]})",
-                    ind + "if tid % 32 == 0:", ind + f"    {sm}[tid // 32] = {acc}",
-                    ind + "cuda.syncthreads()",
-                    ind + f"w0 = {first}", ind + f"{acc} = {sm}[w0]",
-                    ind + f"for w in range(1, {warps}):", ind + f"    t_{acc} = {sm}[w0 + w]",
-                    ind + f"    {acc} = {_combine(op, acc, f't_{acc}')}"]
-        out.append(ind + f"{res} = " + (f"_bf16_round({acc})" if d is dt.bf16 else acc))
+            for acc, op, d, *_ in reds:
+                out += [ind + f"sm_{acc} = cuda.shared.array({rpb * warps}, {NUMBA_TYPE[d]})"]
+            out += [ind + "if tid % 32 == 0:"] + [ind + f"    sm_{acc}[tid // 32] = {acc}" for acc, *_ in reds]
+            out += [ind + "cuda.syncthreads()", ind + f"w0 = {first}"]
+            for acc, op, *_ in reds:
+                out += [ind + f"{acc} = sm_{acc}[w0]",
+                        ind + f"for w in range(1, {warps}):", ind + f"    t_{acc} = sm_{acc}[w0 + w]",
+                        ind + f"    {acc} = {_combine(op, acc, f't_{acc}')}"]
+        out += [ind + f"{res} = " + (f"_bf16_round({acc})" if d is dt.bf16 else acc) for acc, _, d, _, _, res in reds]
     ok = "valid" if ragged else ""
     for param, idx, val, d in desc.row_stores:
         cond = "lane == 0" + (" and valid" if ragged else "")

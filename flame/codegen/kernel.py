@@ -375,6 +375,19 @@ class Describer:
     def _row_index(self) -> str:
         return "o"   # the loops' row index: unravel() splits it over the outer dims in order
 
+    def _reads_any(self, node: Node, ids: set) -> bool:
+        """Whether node, computed in this kernel, depends on any of the nodes `ids`."""
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n.id in ids:
+                return True
+            if n.id in seen or n.id not in self.members:
+                continue
+            seen.add(n.id)
+            stack.extend(n.inputs)
+        return False
+
     def describe(self) -> Described:
         k = self.k
         n_outer = math.prod(k.full[d] for d in self.outer_dims)
@@ -382,15 +395,30 @@ class Describer:
         row = Body(None, [v for v in self.ocoord.values() if v != "0"] + ["o"])
         desc = Described(k, [], self.outer_dims, self.inner_dims, n_outer, n_inner, row)
         inner_vars = [v for v in self.icoord.values() if v != "0"] + ["r", "j"]
+        # reductions that do not read each other's results share one pass over the row (a
+        # stage: one loop, and on the GPU one barrier): a softmax backward's two sums, both
+        # moments of a group_norm. Values the stage's loop reads from the row level go before it.
+        stage, stage_reds, stage_at = None, set(), 0
         for n in k.nodes:
             if n.op in REDUCE_OPS:
-                body = Body(row, inner_vars)
-                val = self.emit(body, n.inputs[0], self.full_coords())
+                join = stage is not None and not self._reads_any(n.inputs[0], stage_reds)
+                if not join:
+                    stage, stage_reds = Body(row, inner_vars), set()
+                before = len(row.lines)
+                val = self.emit(stage, n.inputs[0], self.full_coords())
+                if join:
+                    hoisted = row.lines[before:]
+                    del row.lines[before:]
+                    row.lines[stage_at:stage_at] = hoisted
+                    stage_at += len(hoisted)
                 acc = self.fresh("acc")
                 res = self.fresh("red")
                 self.red_vars[n.id] = res
-                desc.reductions.append((acc, n.op, n.dtype, body, val, res))
+                desc.reductions.append((acc, n.op, n.dtype, stage, val, res))
+                if not join:
+                    stage_at = len(row.lines)
                 row.lines.append(("reduce", len(desc.reductions) - 1))
+                stage_reds.add(n.id)
         full_vals = []
         for r, store, _ in [(k.root, k.store, k.chain)] + k.extra:
             out = self.param(r, "write")    # reshapes after `store` only rename the buffer
@@ -414,6 +442,21 @@ class Describer:
         desc.params = [p for p in self.param_list if p[2] == "read"] + \
                       [p for p in self.param_list if p[2] == "write"]
         return desc
+
+
+def row_steps(desc: Described):
+    """desc.row.lines with consecutive reductions of one stage (one shared loop body) grouped:
+    each item is a statement or a list of indices into desc.reductions."""
+    out = []
+    for line in desc.row.lines:
+        if isinstance(line, tuple):
+            if out and isinstance(out[-1], list) and desc.reductions[out[-1][0]][3] is desc.reductions[line[1]][3]:
+                out[-1].append(line[1])
+            else:
+                out.append([line[1]])
+        else:
+            out.append(line)
+    return out
 
 
 ROW_CACHE_SLOTS = 16

@@ -19,7 +19,7 @@ from ..ir.passes import _rewrite
 MIN_INNER = 1 << 15      # shorter rows are cheap enough whole
 ROW_BLOCKS = 528         # 4 blocks per SM on a 132-SM H100: enough rows to fill the chip
 COLUMN_THREADS = 1 << 15
-AXIS_ROW = 256           # shortest trailing-axes row a split may keep as its partial rows
+AXIS_ROW = 32            # shortest trailing-axes row a split may keep as its partial rows
 
 
 def _divisor(n: int, at_most: int, min_rest: int) -> int:
