@@ -161,20 +161,13 @@ def bench_sweep():
         ms = median_ms_flame(fr)
         row(f"sweep: elementwise chain 16M, {per} per thread", ms, float("nan"), bytes_=8 * n, note=roofline(8 * n, ms))
         cr.ELEMENTWISE_PER_THREAD = keep
-    bench_values()
+    kd.ROW_VALUE_ARRAYS, keep = 0, kd.ROW_VALUE_ARRAYS   # recompute exp(x - max) in each pass
+    bench_rows(None, " [no costly values kept]", ROW_CASES, torch_too=False)
+    kd.ROW_VALUE_ARRAYS = keep
     for block, elems in ((128, 8), (512, 8), (1024, 8), (256, 4), (256, 16)):
         kd.ROW_ELEMENTS, keep = elems, kd.ROW_ELEMENTS
         bench_rows({"block": block}, f" [block {block}, {elems}/thread]", ROW_CASES[:2] + ROW_CASES[3:], torch_too=False)
         kd.ROW_ELEMENTS = keep
-
-
-def bench_values():
-    """The rows again with no costly values kept in registers (exp(x - max) recomputed in
-    each pass over the row), beside the default."""
-    from flame.codegen import kernel as kd
-    kd.ROW_VALUE_ARRAYS, keep = 0, kd.ROW_VALUE_ARRAYS
-    bench_rows(None, " [no costly values kept]", ROW_CASES, torch_too=False)
-    kd.ROW_VALUE_ARRAYS = keep
 
 
 def bench_gemm():
@@ -316,10 +309,8 @@ def main():
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     bench_copy()
     for name, fn in (("elementwise", bench_elementwise), ("rows", bench_rows), ("gemm", bench_gemm),
-                     ("conv", bench_conv), ("block", bench_block), ("values", bench_values),
-                     ("sweep", bench_sweep)):
-        if (args.only and name not in args.only.split(",")) or (name == "sweep" and not args.sweep) or \
-                (name == "values" and not args.only):
+                     ("conv", bench_conv), ("block", bench_block), ("sweep", bench_sweep)):
+        if (args.only and name not in args.only.split(",")) or (name == "sweep" and not args.sweep):
             continue
         try:
             fn()
