@@ -161,9 +161,6 @@ def bench_sweep():
         ms = median_ms_flame(fr)
         row(f"sweep: elementwise chain 16M, {per} per thread", ms, float("nan"), bytes_=8 * n, note=roofline(8 * n, ms))
         cr.ELEMENTWISE_PER_THREAD = keep
-    kd.ROW_VALUE_ARRAYS, keep = 0, kd.ROW_VALUE_ARRAYS   # recompute exp(x - max) in each pass
-    bench_rows(None, " [no costly values kept]", ROW_CASES, torch_too=False)
-    kd.ROW_VALUE_ARRAYS = keep
     for block, elems in ((128, 8), (512, 8), (1024, 8), (256, 4), (256, 16)):
         kd.ROW_ELEMENTS, keep = elems, kd.ROW_ELEMENTS
         bench_rows({"block": block}, f" [block {block}, {elems}/thread]", ROW_CASES[:2] + ROW_CASES[3:], torch_too=False)

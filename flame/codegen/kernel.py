@@ -250,19 +250,8 @@ class Describer:
             return self.red_vars[node.id]
         if node.op in MOVEMENT_OPS:
             return self._movement(body, node, coords)
-        # a costly value of this thread's own row element, needed again by a later pass over
-        # the row (exp(x - max): the sum, the normalisation, the backward): kept in registers
-        keep = self.cache_slots and body.parent is not None and node.op in COSTLY_OPS and \
-            node.shape == self.k.full and coords == self.full_coords()
-        if keep and node.id in self.cached:
-            return self.assign(body, f"{self.cached[node.id][0]}[j]")
         v = self._pointwise(body, node, coords)
-        v = self.assign(body, f"_bf16_round({v})") if node.dtype is dt.bf16 else v
-        if keep and sum(1 for a, _ in self.cached.values() if a.startswith("rv")) < ROW_VALUE_ARRAYS:
-            name = f"rv{node.id}"
-            body.lines.append(f"{name}[j] = {v}")
-            self.cached[node.id] = (name, node.dtype)
-        return v
+        return self.assign(body, f"_bf16_round({v})") if node.dtype is dt.bf16 else v
 
     def _load(self, body, node, coords):
         idx = self.assign(body, self.linear(coords, node.shape), "i")
@@ -471,8 +460,6 @@ def row_steps(desc: Described):
 
 
 ROW_CACHE_SLOTS = 16
-ROW_VALUE_ARRAYS = 2    # costly values a thread keeps per row element (16 registers each at most)
-COSTLY_OPS = {"exp", "log", "tanh", "sigmoid", "erf", "sin", "cos", "sqrt", "rsqrt", "pow", "div"}
 ROW_ELEMENTS = 8    # elements of a row per GPU thread to aim for: loads in flight, short reductions
 
 
