@@ -176,6 +176,25 @@ def test_recompute_refuses_a_value_that_would_load_three_tensors_in_each_reader(
     assert any("readers would load 3 tensors" in why for k in ks for _, why in k.refused)
 
 
+def test_a_reduction_read_by_recomputed_values_is_always_stored():
+    """A recomputed value's reduction input must stay in memory: not swallowed as the store
+    of a reshape's kernel (first case), not dropped from a joined kernel's stores while a
+    third kernel that recomputes its reader loads it (second: column statistics)."""
+    w = np.ones((1, 4), np.float32)
+    x16 = rng.standard_normal((8, 16)).astype(np.float32)
+
+    def reshape_read_by_matmul(x, w):
+        r = x.sum(1).reshape(8, 1)
+        return (r * x).sum(0), r @ w
+
+    def column_statistics(x):
+        d = x - x.mean(0)
+        return (d * d).sum(0), (d * d).sum(2)
+    compiled(reshape_read_by_matmul, x16, w)
+    ks = compiled(column_statistics, rng.standard_normal((16, 6, 8)).astype(np.float32)).runner.kernels
+    assert any(rule == "recompute" for k in ks for _, rule in k.fused)
+
+
 def test_independent_sums_over_the_same_rows_share_one_kernel():
     """siblings: sum(x) and sum(x*x) over the same rows read x once, in one kernel."""
     (k,) = compiled(lambda x: (x.sum(2), (x * x).sum(2)), X).runner.kernels

@@ -241,7 +241,7 @@ def fuse(graph: Graph) -> list:
         c = n
         while c.op == "reshape" and c.inputs[0].op not in ("input", "const") and \
                 c.inputs[0].op not in LIBRARY_OPS and len(users[c.inputs[0].id]) == 1 and \
-                c.inputs[0].id not in outputs and RULES["movement_fold"]:
+                c.inputs[0].id not in outputs and c.inputs[0].id not in fz.pinned and RULES["movement_fold"]:
             c = c.inputs[0]
         if n.op in LIBRARY_OPS:
             k = Kernel(n, [n], "L")

@@ -92,16 +92,12 @@ def _rows_safe(nodes: list, ids: set, renames: set, full, raxes, users) -> str |
     return None
 
 
-def _needed(root, ids: set, users, outputs: set) -> bool:
-    return root.id in outputs or any(u.id not in ids for u in users[root.id])
-
-
-def _join(P: Kernel, C: Kernel, space, users, outputs: set, order: dict) -> Kernel:
+def _join(P: Kernel, C: Kernel, space, needed, order: dict) -> Kernel:
     kind, full, raxes = space
     nodes = sorted(_union(P.nodes, C.nodes), key=lambda n: order[n.id])
     ids = {n.id for n in nodes}
     extra = [(r, s, ch) for r, s, ch in [(P.root, P.store, P.chain)] + P.extra + C.extra
-             if _needed(r, ids, users, outputs)]
+             if needed(r, ids, P, C)]
     k = Kernel(C.root, nodes, kind, full, raxes, store=C.store, chain=set(C.chain))
     k.extra = extra
     k.fused = P.fused + C.fused + [(P.root, "multi_output")]
@@ -143,10 +139,24 @@ def merge_kernels(graph: Graph, kernels: list, is_alias) -> list:
         for p in producers(k):
             readers[id(p)].add(id(k))
 
+    read_ids = {}
+
+    def reads_of(K):
+        if id(K) not in read_ids:
+            read_ids[id(K)] = {n.id for n in K.reads()}
+        return read_ids[id(K)]
+
+    def needed(r, ids, P, C):
+        """Whether the joined kernel must still store r: read outside it, a graph output, or
+        loaded by a third kernel that recomputes one of its readers (rule recompute: a user
+        node of r can be inside several kernels)."""
+        return r.id in outputs or any(u.id not in ids for u in users[r.id]) or \
+            any(r.id in reads_of(by_id[x]) for x in readers[id(P)] | readers[id(C)] if x not in (id(P), id(C)))
+
     def limits(P, C, space):
         nodes = _union(P.nodes, C.nodes)
         ids = {n.id for n in nodes}
-        outs = 1 + sum(_needed(r, ids, users, outputs) for r in [P.root] + [e[0] for e in P.extra + C.extra])
+        outs = 1 + sum(needed(r, ids, P, C) for r in [P.root] + [e[0] for e in P.extra + C.extra])
         if _computing(nodes) > MAX_NODES:
             return f"together they would compute more than {MAX_NODES} values"
         if outs > MAX_OUTPUTS:
@@ -160,7 +170,7 @@ def merge_kernels(graph: Graph, kernels: list, is_alias) -> list:
         C.refused.append((P.root, f"multi_output: not joined with the kernel of %{P.root.id}: {why}"))
 
     def join(P, C, space, at):
-        J = _join(P, C, space, users, outputs, order)
+        J = _join(P, C, space, needed, order)
         ins = [Q for Q in producers(J) if Q is not P and Q is not C]
         for Q in ins:
             readers[id(Q)] -= {id(P), id(C)}
