@@ -32,9 +32,9 @@ GRAPHS = {
     "pad_concat_upsample": ("lambda x, b: flame.cat([F.pad(x, (1, 1, 2, 0)), F.interpolate(x[None, None], scale_factor=2)[0, 0][:3, :5]], 0) + b[0]", [(3, 3), (2,)]),
     "random_where": ("lambda x, b: F.dropout(x, 0.3, seed=5) + flame.rand_normal(x.shape, seed=1) * b", [(4, 8), (8,)]),
     "bf16_storage": ("lambda x, b: F.softmax((x.cast('bf16') @ x.cast('bf16').T) * b[:5].cast('bf16'), dim=-1).cast('f32')", [(5, 33), (33,)]),
-    # rows of 32 split over their own trailing axis: both moments in one kernel (siblings),
-    # their final sums in another, x - shift recomputed in each reader
-    "group_norm_split_moments": ("lambda x, b: F.group_norm(x + 40.0, 2, b, b)", [(1, 4, 4, 4), (4,)]),
+    # a long group (LONG_GROUP lowered to 16): each channel's mean and centred sum of squares,
+    # the group's from those, then the normalisation, x - row mean recomputed in each reader
+    "group_norm_channel_rows": ("lambda x, b: F.group_norm(x + 40.0, 2, b, b)", [(1, 4, 4, 4), (4,)]),
     "multi_output_group_norm_backward": ("flame.value_and_grad(lambda x, w, b: (F.group_norm(x, 2, w, b) * x).sum(), argnums=(0, 1, 2))", [(2, 4, 5, 5), (4,), (4,)]),
     "training_step": ("flame.value_and_grad(lambda x, b: (F.softmax(x * b, dim=-1) * F.layer_norm(x, (12,))).sum(), argnums=(0, 1))", [(4, 12), (12,)]),
     # rows shared by several warps (shuffles, then one shared slot per warp), two rows a
@@ -51,6 +51,7 @@ SIM_SCRIPT = textwrap.dedent("""
     from flame.runtime.cpu import CpuRunner
     from flame.ir.interp import run_graph
     sp.MIN_INNER, sp.ROW_BLOCKS, sp.COLUMN_THREADS, sp.AXIS_ROW = 16, 4, 32, 8   # split even tiny reductions
+    F.LONG_GROUP = 16
     src, shapes, block, seed = json.loads(sys.argv[1])
     rng = np.random.default_rng(seed)
     xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -75,7 +76,7 @@ def test_fusion_class_runs_under_cuda_simulator(name, tmp_path):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["err"] < 1e-4, res
     assert any(k.startswith(("E_", "R_")) for k in res["kernels"]), res
-    if name == "group_norm_split_moments":   # partial moments, final sums, normalisation
+    if name == "group_norm_channel_rows":   # channel statistics, group statistics, normalisation
         assert len(res["kernels"]) == 3, res
 
 
@@ -220,9 +221,10 @@ def test_independent_reductions_of_a_row_share_one_pass_and_one_barrier():
     src = _kernel_source(flame.value_and_grad(lambda x: (F.softmax(x, dim=-1) * flame.const(w)).sum()), (64, 4096))
     (row,) = [s for s in src.values() if "math.exp" in s]
     assert row.count("cuda.syncthreads()") == 3 and row.count("for j in range(16):") == 4, row
-    src = _kernel_source(lambda x: F.group_norm(x, 32), (2, 320, 64, 64))
-    (moments,) = [s for name, s in src.items() if name.startswith("R_sub_sum")]
-    assert moments.count("cuda.syncthreads()") == 1 and moments.count("for j in range(") == 1, moments
+    w = rng.standard_normal((1024, 768)).astype(np.float32)
+    src = _kernel_source(flame.value_and_grad(lambda x: (F.layer_norm(x, (768,)) * flame.const(w)).sum()), (1024, 768))
+    (row,) = [s for s in src.values() if "rsqrt" in s or "sqrt" in s]
+    assert len(re.findall(r"red\d+ = acc", row)) == 5 and row.count("cuda.syncthreads()") == 4, row
 
 
 def test_split_flat_falls_back_to_signed_division_past_2_31():
