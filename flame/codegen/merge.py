@@ -100,7 +100,7 @@ def _join(P: Kernel, C: Kernel, space, needed, order: dict) -> Kernel:
              if needed(r, ids, P, C)]
     k = Kernel(C.root, nodes, kind, full, raxes, store=C.store, chain=set(C.chain))
     k.extra = extra
-    k.fused = P.fused + C.fused + [(P.root, "multi_output")]
+    k.fused = list({(n.id, rule): (n, rule) for n, rule in P.fused + C.fused + [(P.root, "multi_output")]}.values())
     k.refused = list({(n.id, w): (n, w) for n, w in P.refused + C.refused if n.id not in ids}.values())
     k.merged = P.merged + C.merged + [P.root]
     return k
@@ -180,8 +180,9 @@ def merge_kernels(graph: Graph, kernels: list, is_alias) -> list:
             made_by[r.id] = J
         pos[id(J)] = at
         by_id[id(J)] = J
-        for old in (P, C):
+        for old in (P, C):   # ids of dead kernels may be reused by new objects
             del pos[id(old)], by_id[id(old)]
+            read_ids.pop(id(old), None)
         return J
 
     for C in list(kernels):
@@ -227,7 +228,7 @@ def merge_kernels(graph: Graph, kernels: list, is_alias) -> list:
 
     def shares(A, B):
         small = max(math.prod(A.full), math.prod(B.full)) <= SMALL_SIBLINGS
-        return small or any(r.id in {q.id for q in B.reads()} for r in A.reads())
+        return small or not reads_of(A).isdisjoint(reads_of(B))
 
     groups = {}
     for K in sorted(by_id.values(), key=lambda k: pos[id(k)]):

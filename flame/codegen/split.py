@@ -32,16 +32,16 @@ def _divisor(n: int, at_most: int, min_rest: int) -> int:
 
 
 def _axis_rows(shape: tuple, axes: tuple, min_rows: int):
-    """For a reduction over several trailing axes: (k,) to sum first over the reduced axes
-    from the k-th on, when they make rows of at least AXIS_ROW elements and leave at least
-    min_rows of them, else None. Splitting where the tensor's own axes split keeps the
+    """For a reduction over several trailing axes: k to sum first over the reduced axes from
+    the k-th on, the shortest such rows of at least AXIS_ROW elements (longer ones would leave
+    fewer rows), when they leave at least min_rows of them; else None. Splitting where the tensor's own axes split keeps the
     partial sums over the rows its producer computes (a softmax's or layer_norm's rows),
     so multi_output can join them into that row kernel (the loss of a softmax)."""
     rs = [shape[d] for d in axes]
     for k in range(len(rs) - 1, 0, -1):
         row = math.prod(rs[k:])
         if row >= AXIS_ROW:
-            return (k,) if math.prod(rs[:k]) >= min_rows and row <= MIN_INNER else None
+            return k if math.prod(rs[:k]) >= min_rows and row <= MIN_INNER else None
     return None
 
 
@@ -58,9 +58,9 @@ def split_reductions(graph: Graph) -> Graph:
         trailing = tuple(range(nd - len(axes), nd)) == axes
         leading = tuple(range(len(axes))) == axes
         if trailing and outer < ROW_BLOCKS:
-            rows = _axis_rows(x.shape, axes, -(-ROW_BLOCKS // outer))
-            if rows:   # partial sums over the tensor's own trailing axes (its producer's rows)
-                keep = nd - len(axes) + rows[0]
+            k = _axis_rows(x.shape, axes, -(-ROW_BLOCKS // outer))
+            if k is not None:   # partial sums over the tensor's own trailing axes (its producer's rows)
+                keep = nd - len(axes) + k
                 part = emit(n.op, (x,), {"axes": tuple(range(keep, nd)), "keepdims": False}, n)
                 tot = emit(n.op, (part,), {"axes": tuple(range(nd - len(axes), keep)), "keepdims": False}, n)
                 return tot if tot.shape == n.shape else emit("reshape", (tot,), {"shape": n.shape}, n)

@@ -119,7 +119,11 @@ def export(graph, schedule=None) -> dict:
     outputs = {o.id for o in g.outputs}
     node_kernel = {}
     kernels = _kernels(schedule, names, node_kernel) if schedule is not None else []
-    fused_by = {n.id: rule for k in (schedule.kernels if schedule is not None else []) for n, rule in k.fused}
+    fused_by = {}   # the rule that put a node in its kernel; "recompute" only where no other did
+    for k in (schedule.kernels if schedule is not None else []):
+        for n, rule in k.fused:
+            if fused_by.get(n.id) in (None, "recompute"):
+                fused_by[n.id] = rule
     plan = schedule.plan if schedule is not None else None
 
     def arg(i):
