@@ -30,6 +30,14 @@ def _combine(op, a, b):
     return f"{a} + {b}" if op == "sum" else f"{b} if ({b} > {a} or {b} != {b}) else {a}"   # NaN wins, like numpy
 
 
+def _stage(reds):
+    """Lines of one stage of reductions (desc.reductions entries sharing a loop): the
+    accumulators' initial values, their updates inside the loop, and the results after it."""
+    return ([f"{acc} = {_init(op, d)}" for acc, op, d, *_ in reds],
+            [f"{acc} = {_combine(op, acc, val)}" for acc, op, _, _, val, _ in reds],
+            [f"{res} = " + (f"_bf16_round({acc})" if d is dt.bf16 else acc) for acc, _, d, _, _, res in reds])
+
+
 def block_per_row(desc: Described) -> bool:
     """Rows whose last axis is reduced are contiguous: a block strides along each. Otherwise
     (reductions over leading axes) adjacent threads take adjacent outputs and each loops over
@@ -89,9 +97,8 @@ def render(desc: Described, name: str, block: int = 256) -> str:
             out.append(ind + step)
             continue
         reds = [desc.reductions[i] for i in step]   # one stage: one loop, several accumulators
-        out += [ind + f"{acc} = {_init(op, d)}" for acc, op, d, _, _, _ in reds]
-        out += inner_loop(reds[0][3], [f"{acc} = {_combine(op, acc, val)}" for acc, op, _, _, val, _ in reds])
-        out += [ind + f"{res} = " + (f"_bf16_round({acc})" if d is dt.bf16 else acc) for acc, _, d, _, _, res in reds]
+        inits, updates, results = _stage(reds)
+        out += [ind + l for l in inits] + inner_loop(reds[0][3], updates) + [ind + l for l in results]
     for param, idx, val, d in desc.row_stores:
         out.append(ind + f"{param}[{idx}] = {_store(d, val)}")
     if desc.full_store is not None:   # values over the reduced axes too, after the reductions
@@ -140,8 +147,8 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
             out.append(ind + step)
             continue
         reds = [desc.reductions[i] for i in step]   # one stage: one loop, one barrier
-        out += [ind + f"{acc} = {_init(op, d)}" for acc, op, d, _, _, _ in reds]
-        out += strided(reds[0][3], [f"{acc} = {_combine(op, acc, val)}" for acc, op, _, _, val, _ in reds])
+        inits, updates, results = _stage(reds)
+        out += [ind + l for l in inits] + strided(reds[0][3], updates)
         m = min(T, 32) // 2
         while m:   # butterfly within the warp: every lane ends with the whole sum
             for acc, op, *_ in reds:
@@ -150,7 +157,7 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
         if T > 32:   # one slot per warp; every thread then combines its row's warps
             warps = T // 32
             first = "0" if rpb == 1 else f"(tid // {T}) * {warps}"
-            for acc, op, d, *_ in reds:
+            for acc, _, d, *_ in reds:
                 out += [ind + f"sm_{acc} = cuda.shared.array({rpb * warps}, {NUMBA_TYPE[d]})"]
             out += [ind + "if tid % 32 == 0:"] + [ind + f"    sm_{acc}[tid // 32] = {acc}" for acc, *_ in reds]
             out += [ind + "cuda.syncthreads()", ind + f"w0 = {first}"]
@@ -158,7 +165,7 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
                 out += [ind + f"{acc} = sm_{acc}[w0]",
                         ind + f"for w in range(1, {warps}):", ind + f"    t_{acc} = sm_{acc}[w0 + w]",
                         ind + f"    {acc} = {_combine(op, acc, f't_{acc}')}"]
-        out += [ind + f"{res} = " + (f"_bf16_round({acc})" if d is dt.bf16 else acc) for acc, _, d, _, _, res in reds]
+        out += [ind + l for l in results]
     ok = "valid" if ragged else ""
     for param, idx, val, d in desc.row_stores:
         cond = "lane == 0" + (" and valid" if ragged else "")

@@ -16,8 +16,9 @@ producer that is not absorbed gets a logged reason. The rules:
 - gemm_epilogue:     bias/activation/residual after a matmul or conv: the GEMM stays a
                      library call and the whole epilogue is one elementwise kernel that the
                      memory plan runs in place on the GEMM's output (runtime/arena.py).
-- recompute:         a cheap pointwise value that kernels elsewhere also read (group_norm's
-                     x - shift, read by both statistics and the normalisation) is computed
+- recompute:         a cheap pointwise value that kernels elsewhere also read (a long
+                     group_norm's x - row mean, read by the statistics and the
+                     normalisation) is computed
                      again inside each reader from what it is made of, instead of being
                      stored and read back: it costs each reader at most the loads of what it
                      is made of (see _recompute_cone for the limits).

@@ -396,8 +396,8 @@ class Describer:
         desc = Described(k, [], self.outer_dims, self.inner_dims, n_outer, n_inner, row)
         inner_vars = [v for v in self.icoord.values() if v != "0"] + ["r", "j"]
         # reductions that do not read each other's results share one pass over the row (a
-        # stage: one loop, and on the GPU one barrier): a softmax backward's two sums, both
-        # moments of a group_norm. Values the stage's loop reads from the row level go before it.
+        # stage: one loop, and on the GPU one barrier): a softmax backward's two sums, a loss's
+        # partial sum beside them. Values the stage's loop reads from the row level go before it.
         stage, stage_reds, stage_at = None, set(), 0
         for n in k.nodes:
             if n.op in REDUCE_OPS:

@@ -19,8 +19,8 @@ An elementwise kernel over a row kernel's full space reads what the row kernel r
 costs the row kernel only its stores (on the GPU the row's elements are already in registers).
 
 Siblings, kernels over the same space where neither reads what the other writes, join too when
-they read the same tensor (group_norm's two moments: x is read once) or are both small (the
-final stages of their split sums: one launch instead of two).
+they read the same tensor (two sums over the same rows of x read x once) or are both small
+(the final stages of split sums: one launch instead of two).
 """
 from __future__ import annotations
 
@@ -185,6 +185,16 @@ def merge_kernels(graph: Graph, kernels: list, is_alias) -> list:
             read_ids.pop(id(old), None)
         return J
 
+    def place(P, C):
+        """Where P joined with C can run: C's place when nothing else reads P before it, else
+        P's place when everything else C reads is made before it, else None (a third kernel
+        lies between them)."""
+        if all(pos[x] > pos[id(C)] for x in readers[id(P)] if x != id(C)):
+            return pos[id(C)]
+        if all(pos[id(Q)] < pos[id(P)] for Q in producers(C) if Q is not P):
+            return pos[id(P)]
+        return None
+
     for C in list(kernels):
         if C.kind == "L" or is_alias(C):
             continue
@@ -198,11 +208,8 @@ def merge_kernels(graph: Graph, kernels: list, is_alias) -> list:
             space, why = _space(P, C)
             at = None
             if why is None:
-                if all(pos[x] > pos[id(C)] for x in readers[id(P)] if x != id(C)):
-                    at = pos[id(C)]
-                elif all(pos[id(Q)] < pos[id(P)] for Q in producers(C) if Q is not P):
-                    at = pos[id(P)]
-                else:
+                at = place(P, C)
+                if at is None:
                     why = "other kernels run between them that read the first or feed the second"
             why = why or limits(P, C, space)
             if why is not None:
@@ -241,13 +248,8 @@ def merge_kernels(graph: Graph, kernels: list, is_alias) -> list:
             for A in group[:i]:
                 if not shares(A, B) or depends(B, A):
                     continue
-                # the joined kernel runs where B ran when nothing reads A before that, else
-                # where A ran when everything B reads is made before that
-                if all(pos[x] > pos[id(B)] for x in readers[id(A)]):
-                    at = pos[id(B)]
-                elif all(pos[id(Q)] < pos[id(A)] for Q in producers(B)):
-                    at = pos[id(A)]
-                else:
+                at = place(A, B)
+                if at is None:
                     continue
                 space, why = _space(A, B)
                 if (why or limits(A, B, space)) is None:

@@ -34,9 +34,9 @@ def _divisor(n: int, at_most: int, min_rest: int) -> int:
 def _axis_rows(shape: tuple, axes: tuple, min_rows: int):
     """For a reduction over several trailing axes: k to sum first over the reduced axes from
     the k-th on, the shortest such rows of at least AXIS_ROW elements (longer ones would leave
-    fewer rows), when they leave at least min_rows of them; else None. Splitting where the tensor's own axes split keeps the
-    partial sums over the rows its producer computes (a softmax's or layer_norm's rows),
-    so multi_output can join them into that row kernel (the loss of a softmax)."""
+    fewer rows), when they leave at least min_rows of them; else None. Splitting where the
+    tensor's own axes split keeps the partial sums over the rows its producer computes (a
+    softmax's or layer_norm's rows), so multi_output can join them into that row kernel."""
     rs = [shape[d] for d in axes]
     for k in range(len(rs) - 1, 0, -1):
         row = math.prod(rs[k:])
