@@ -40,6 +40,12 @@ GRAPHS = {
     # rows shared by several warps (shuffles, then one shared slot per warp), two rows a
     # block and an odd number of rows (the last block's spare rows must store nothing)
     "rows_across_warps": ("flame.value_and_grad(lambda x, b: (F.softmax(x, dim=-1) * F.layer_norm(x, (300,), b, b)).sum(), argnums=(0, 1))", [(3, 300), (300,)], 128),
+    # a group held in registers by one block of LONG_ROW_THREADS (limits scaled down: groups
+    # of 128, 64 threads, 2 each), its backward and the loss split along the group rows
+    "long_rows_in_registers": ("flame.value_and_grad(lambda x, w, b: (F.group_norm(x, 2, w, b) * x).sum(), argnums=(0, 1, 2))",
+                               [(2, 4, 8, 8), (4,), (4,)], 32,
+                               "F.LONG_GROUP = 1 << 30; kd.ROW_CACHE_SLOTS, kd.LONG_ROW_THREADS, kd.LONG_ROW_SLOTS = 2, 64, 8; "
+                               "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2"),
 }
 
 SIM_SCRIPT = textwrap.dedent("""
@@ -48,11 +54,14 @@ SIM_SCRIPT = textwrap.dedent("""
     import numpy as np, flame
     import flame.nn.functional as F
     import flame.codegen.split as sp
+    import flame.codegen.kernel as kd
+    from flame.codegen import cuda as cr
     from flame.runtime.cpu import CpuRunner
     from flame.ir.interp import run_graph
     sp.MIN_INNER, sp.ROW_BLOCKS, sp.COLUMN_THREADS, sp.AXIS_ROW = 16, 4, 32, 8   # split even tiny reductions
     F.LONG_GROUP = 16
-    src, shapes, block, seed = json.loads(sys.argv[1])
+    src, shapes, block, seed, setup = json.loads(sys.argv[1])
+    exec(setup)
     rng = np.random.default_rng(seed)
     xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     g = flame.compile(eval(src), *xs).graph
@@ -60,16 +69,17 @@ SIM_SCRIPT = textwrap.dedent("""
     r = CpuRunner(g, "cuda-sim", block)
     got, ref = r.run(feeds), run_graph(g, feeds)
     err = max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-6)) for a, b in zip(got, ref))
-    print(json.dumps({"err": err, "kernels": [k.name for k in r.kernels]}))
+    threads = [cr.launch_dims(d, block)[1] for d in r.schedule.descs.values()]
+    print(json.dumps({"err": err, "kernels": [k.name for k in r.kernels], "threads": threads}))
 """)
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
 def test_fusion_class_runs_under_cuda_simulator(name, tmp_path):
     import json
-    src, shapes, *block = GRAPHS[name]
+    src, shapes, block, setup = GRAPHS[name] + (32, "")[len(GRAPHS[name]) - 2:]
     env = dict(os.environ, FLAME_CACHE_DIR=str(tmp_path), NUMBA_ENABLE_CUDASIM="1")
-    arg = json.dumps([src, shapes, block[0] if block else 32, int(rng.integers(1 << 30))])
+    arg = json.dumps([src, shapes, block, int(rng.integers(1 << 30)), setup])
     out = subprocess.run([sys.executable, "-c", SIM_SCRIPT, arg],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -78,6 +88,8 @@ def test_fusion_class_runs_under_cuda_simulator(name, tmp_path):
     assert any(k.startswith(("E_", "R_")) for k in res["kernels"]), res
     if name == "group_norm_channel_rows":   # channel statistics, group statistics, normalisation
         assert len(res["kernels"]) == 3, res
+    if name == "long_rows_in_registers":    # group rows of 128 on one block of 64 threads
+        assert 64 in res["threads"], res
 
 
 def _graph(src, shapes):
@@ -225,6 +237,21 @@ def test_independent_reductions_of_a_row_share_one_pass_and_one_barrier():
     src = _kernel_source(flame.value_and_grad(lambda x: (F.layer_norm(x, (768,)) * flame.const(w)).sum()), (1024, 768))
     (row,) = [s for s in src.values() if "rsqrt" in s or "sqrt" in s]
     assert len(re.findall(r"red\d+ = acc", row)) == 5 and row.count("cuda.syncthreads()") == 4, row
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_rows_later_loads_are_issued_in_its_first_pass(prefetch, monkeypatch):
+    """softmax's backward reads the upstream gradient only after the max and the sum: with
+    prefetching its loads go into the first pass with x's, all in flight together."""
+    from flame.codegen import kernel as kd
+    monkeypatch.setattr(kd, "ROW_PREFETCH", prefetch)
+    w = rng.standard_normal((64, 4096)).astype(np.float32)
+    src = _kernel_source(flame.value_and_grad(lambda x: (F.softmax(x, dim=-1) * flame.const(w)).sum()), (64, 4096))
+    (row,) = [s for s in src.values() if "math.exp" in s]
+    first_pass = row.split("cuda.syncthreads()")[0]
+    cached = set(re.findall(r"(rc_p\d+)\[j\] = ", row))
+    assert len(cached) == 2, row
+    assert {c for c in cached if f"{c}[j] = " in first_pass} == (cached if prefetch else cached - {max(cached)}), row
 
 
 def test_split_flat_falls_back_to_signed_division_past_2_31():

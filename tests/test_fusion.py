@@ -232,15 +232,41 @@ def test_group_norm_keeps_its_precision_with_a_large_mean_and_a_spike(shape, dty
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
-def test_group_norm_at_sd_size_is_three_launches_reading_x_twice():
-    """SD 1.5's group_norm (groups of 10 x 4096): each channel's mean and centred sum of
-    squares (one row kernel), the group's (one kernel), the normalisation; x - row mean is
-    recomputed, never stored."""
+def test_group_norm_at_sd_size_is_one_row_kernel_holding_each_group_in_registers():
+    """SD 1.5's group_norm at 64x64 latents (groups of 10 x 4096): one block of 1024 threads
+    per group keeps its 40960 elements in registers (40 a thread): mean, centred variance
+    and the normalisation in one launch reading x once."""
     x = flame.spec((2, 320, 64, 64), "f32")
     s = flame.plan(lambda x: F.group_norm(x, 32), x, backend="cuda")
     runs = [k for k in s.kernels if s.runs(k)]
+    assert len(runs) == 1, [k.name for k in runs]
+    d = s.descs[runs[0].root.id]
+    assert (d.n_outer, d.n_inner, d.row_threads, d.cache_slots) == (64, 40960, 1024, 40)
+    assert "# launch_bounds=1024" in s.source(runs[0], False)
+
+
+def test_group_norm_backward_and_its_loss_are_one_row_kernel():
+    """sum(group_norm(x) * w) and its x-gradient: the loss sum splits along the group rows
+    (not the tensor's own [N, C, H, W] axes), so statistics, loss partial sums, the backward's
+    two sums and the gradient are one kernel over the groups, plus the 64-value final sum."""
+    x = flame.spec((2, 320, 64, 64), "f32")
+    w = rng.standard_normal((2, 320, 64, 64)).astype(np.float32)
+    s = flame.plan(flame.value_and_grad(lambda x: (F.group_norm(x, 32) * flame.const(w)).sum()), x, backend="cuda")
+    runs = [k for k in s.kernels if s.runs(k)]
+    assert len(runs) == 2, [k.name for k in runs]
+    assert (runs[0].full, runs[0].raxes) == ((2, 32, 10, 4096), (2, 3))
+    assert [n.size for n in runs[0].out_nodes()] == [2 * 320 * 64 * 64, 64]   # the gradient, the partial sums
+
+
+def test_group_norm_of_longer_groups_is_three_launches_reading_x_twice():
+    """Groups longer than a block holds (30 x 4096 in SD 1.5's decoder): each channel's mean
+    and centred sum of squares (one row kernel), the group's (one kernel), the normalisation;
+    x - row mean is recomputed, never stored."""
+    x = flame.spec((2, 960, 64, 64), "f32")
+    s = flame.plan(lambda x: F.group_norm(x, 32), x, backend="cuda")
+    runs = [k for k in s.kernels if s.runs(k)]
     assert len(runs) == 3, [k.name for k in runs]
-    big = [n for k in runs for n in k.out_nodes() if n.size == 2 * 320 * 64 * 64]
+    big = [n for k in runs for n in k.out_nodes() if n.size == 2 * 960 * 64 * 64]
     assert len(big) == 1                                 # only y is written at full size
     assert sum(1 for k in runs for r in k.reads() if r.op == "input") == 2
     assert sum(1 for k in runs if any(rule == "recompute" for _, rule in k.fused)) == 2
@@ -264,6 +290,16 @@ def test_split_loss_sum_on_the_cpu_equals_the_interpreter():
     x, w = rng.standard_normal((2, 256, 160)).astype(np.float32), rng.standard_normal((2, 256, 160)).astype(np.float32)
     c = compiled(flame.value_and_grad(lambda x, w: (F.softmax(x, dim=-1) * w).sum(), argnums=(0, 1)), x, w)
     assert any(n.op == "sum" and n.attrs["axes"] == (2,) and not n.attrs["keepdims"] for n in c.runner.graph.nodes)
+
+
+def test_loss_sum_split_along_group_rows_on_the_cpu_equals_the_interpreter():
+    """The loss over a group_norm's [N, C, H, W] output splits along the [N, G, C/G * H * W]
+    group rows: x * w is computed again in the grouped view, not reshaped into it."""
+    x, w = rng.standard_normal((2, 64, 32, 32)).astype(np.float32), rng.standard_normal((2, 64, 32, 32)).astype(np.float32)
+    c = compiled(flame.value_and_grad(lambda x, w: (F.group_norm(x, 32) * w).sum(), argnums=(0, 1)), x, w)
+    sums = [n for n in c.runner.graph.nodes if n.op == "sum" and not n.attrs["keepdims"]]
+    assert any(n.inputs[0].shape == (2, 32, 2, 1024) and n.attrs["axes"] == (2, 3) and n.inputs[0].op == "mul"
+               for n in sums), [(n.inputs[0].op, n.inputs[0].shape, n.attrs) for n in sums]
 
 
 def test_reduce_prologue_sum_of_squares_is_one_kernel():

@@ -34,6 +34,9 @@ CASES = [
     ("softmax", lambda x: F.softmax(x, dim=-1), [r(64, 300)]),
     ("layer_norm", lambda x, w, b: F.layer_norm(x, (96,), w, b), [r(50, 96), r(96), r(96)]),
     ("group_norm", lambda x, w, b: F.group_norm(x, 4, w, b), [r(2, 16, 9, 9), r(16), r(16)]),
+    # SD 1.5 sizes: groups one 1024-thread block holds in registers; longer ones by channel rows
+    ("group_norm_sd_groups", lambda x, w, b: F.group_norm(x, 32, w, b), [r(2, 320, 64, 64), r(320), r(320)]),
+    ("group_norm_long_groups", lambda x, w, b: F.group_norm(x, 32, w, b), [r(1, 2048, 32, 32), r(2048), r(2048)]),
     ("movement", lambda x: (x.permute(2, 0, 1)[1:, ::2, :].reshape(-1) * 2.0), [r(6, 8, 5)]),
     ("pad_concat", lambda x, y: flame.cat([F.pad(x, (1, 2, 0, 1)), y], dim=0), [r(3, 4), r(2, 7)]),
     ("upsample", lambda x: F.interpolate(x, scale_factor=2) + 1.0, [r(2, 3, 4, 5)]),

@@ -54,6 +54,10 @@ def per_thread(desc: Described) -> int:
     return 1 if desc.reductions else ELEMENTWISE_PER_THREAD
 
 
+def threads_per_block(desc: Described, block: int) -> int:
+    return launch_dims(desc, block)[1]
+
+
 def launch_dims(desc: Described, block: int):
     """(grid, block) for this kernel."""
     if block_per_row(desc):
@@ -69,13 +73,20 @@ def _store(d, v):
     return f"_bf16_bits({v})" if d is dt.bf16 else v
 
 
+def jit_line(desc: Described, block: int) -> str:
+    """The decorator line, noting the threads each block is launched with: ptx.kernel_ptx
+    compiles with those launch bounds, so a 1024-thread block's kernel fits its registers
+    (the simulator's jit takes no launch bounds, hence a comment)."""
+    return f"@cuda.jit  # launch_bounds={threads_per_block(desc, block)}"
+
+
 def render(desc: Described, name: str, block: int = 256) -> str:
     """block: threads per block of row kernels (a power of two)."""
     if block_per_row(desc):
         return _render_rows(desc, name, block)
     k = desc.kernel
     inames = {d: f"ri{d}" for d in desc.inner_dims}
-    out = ["@cuda.jit", f"def {name}({', '.join(p[0] for p in desc.params)}):"]
+    out = [jit_line(desc, block), f"def {name}({', '.join(p[0] for p in desc.params)}):"]
     per = per_thread(desc)
     if per == 1:
         ind = "    "
@@ -116,7 +127,7 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
     slots = -(-n // T)
     inames = {d: f"ri{d}" for d in desc.inner_dims}
     ind = "    "
-    out = ["@cuda.jit", f"def {name}({', '.join(p[0] for p in desc.params)}):",
+    out = [jit_line(desc, block), f"def {name}({', '.join(p[0] for p in desc.params)}):",
            ind + "tid = cuda.threadIdx.x"]
     if rpb == 1:
         out += [ind + "o = cuda.blockIdx.x", ind + "lane = tid"]

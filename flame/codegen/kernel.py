@@ -136,12 +136,17 @@ class Described:
 
 
 class Describer:
-    def __init__(self, kernel: Kernel, row_block: int = 0):
+    def __init__(self, kernel: Kernel, row_block: int = 0, prefetch: dict = None):
         """row_block: at most this many GPU threads share a row (0: the CPU renderer); see
         row_threads. When each thread has at most ROW_CACHE_SLOTS elements of its row, it
         keeps those it loads in registers (rc_* local arrays), so later passes over the row
-        (variance after mean, normalise after both) do not read memory again."""
+        (variance after mean, normalise after both) do not read memory again.
+        prefetch: node id -> (node, coordinates) of row elements to load into registers in the first
+        pass although a later pass reads them first (see describe())."""
         self.k = kernel
+        self.prefetch = prefetch or {}
+        self.first_stage = None
+        self.late_loads = {}   # cached node id -> (node, coordinates), first loaded after the first pass
         self.members = kernel.member_ids
         self.params = {}
         self.param_list = []
@@ -157,7 +162,13 @@ class Describer:
         rows = bool(raxes) and (len(full) - 1) in raxes
         self.row_threads = row_threads(n_inner, row_block) if rows and row_block else 0
         slots = -(-n_inner // self.row_threads) if self.row_threads else 0
-        self.cache_slots = slots if 1 <= slots <= ROW_CACHE_SLOTS else 0
+        most, self.cache_arrays = ROW_CACHE_SLOTS, 1 << 30
+        if slots > ROW_CACHE_SLOTS and n_inner <= LONG_ROW_THREADS * LONG_ROW_SLOTS:
+            # a long row (a group_norm group) is held by one block of the most threads
+            self.row_threads, most = LONG_ROW_THREADS, LONG_ROW_SLOTS
+            slots = -(-n_inner // LONG_ROW_THREADS)
+            self.cache_arrays = LONG_ROW_SLOTS // slots   # within its 64 registers a thread
+        self.cache_slots = slots if 1 <= slots <= most else 0
         self.cached = {}     # node id -> (local array name, dtype)
         # (coords, shape) -> a simpler expression of lin(coords, shape): the loop's own flat
         # index where the coordinates are the iteration space's, and the flat index a
@@ -234,7 +245,8 @@ class Describer:
             self.loads.setdefault(node.id, set()).add(at)
             # this thread's own element of the row (also through a reshape): kept in registers
             cache = self.cache_slots and body.parent is not None and \
-                at == self.flat.get((self.full_coords(), self.k.full))
+                at == self.flat.get((self.full_coords(), self.k.full)) and \
+                (node.id in self.cached or len(self.cached) < self.cache_arrays)
             if cache and node.id in self.cached:
                 return self.assign(body, f"{self.cached[node.id][0]}[j]")
             if cache:
@@ -242,6 +254,8 @@ class Describer:
                 name = f"rc_{self.param(node)}"
                 body.lines.append(f"{name}[j] = {v}")
                 self.cached[node.id] = (name, node.dtype)
+                if body is not self.first_stage:
+                    self.late_loads[node.id] = (node, coords)
                 return v
             return self._load(body, node, coords)
         if node.op in REDUCE_OPS:
@@ -404,6 +418,10 @@ class Describer:
                 join = stage is not None and not self._reads_any(n.inputs[0], stage_reds)
                 if not join:
                     stage, stage_reds = Body(row, inner_vars), set()
+                    if self.first_stage is None:
+                        self.first_stage = stage
+                        for node, coords in self.prefetch.values():
+                            self.emit(stage, node, coords)
                 before = len(row.lines)
                 val = self.emit(stage, n.inputs[0], self.full_coords())
                 if join:
@@ -460,6 +478,13 @@ def row_steps(desc: Described):
 
 
 ROW_CACHE_SLOTS = 16
+# Rows longer than a block of `row_block` threads holds in ROW_CACHE_SLOTS registers each, up to
+# LONG_ROW_THREADS * LONG_ROW_SLOTS elements, take a block of LONG_ROW_THREADS threads that
+# keeps the whole row in registers (the kernel's launch bounds cap them at 64 a thread): the
+# row is read from memory once however many passes its statistics take (split_reductions
+# leaves such rows whole, see split.LONG_ROW).
+LONG_ROW_THREADS = 1024
+LONG_ROW_SLOTS = 48
 ROW_ELEMENTS = 8    # elements of a row per GPU thread to aim for: loads in flight, short reductions
 
 
@@ -473,8 +498,19 @@ def row_threads(n_inner: int, block: int) -> int:
     return t
 
 
+ROW_PREFETCH = True
+
+
 def describe(kernel: Kernel, row_block: int = 0) -> Described:
-    return Describer(kernel, row_block).describe()
+    """The kernel's description. A GPU row kernel whose later passes first load row elements
+    it keeps in registers (a softmax backward's upstream gradient, read after the max and
+    the sum) is described again with those loads in the first pass: all of a row's loads are
+    then in flight together, not one batch after each barrier."""
+    d = Describer(kernel, row_block)
+    desc = d.describe()
+    if ROW_PREFETCH and d.late_loads:
+        return Describer(kernel, row_block, prefetch=d.late_loads).describe()
+    return desc
 
 
 def div_mod(total: int):

@@ -216,7 +216,8 @@ def merge_kernels(graph: Graph, kernels: list, is_alias) -> list:
                 refuse(C, P, why)
                 continue
             C = join(P, C, space, at)
-            tried = {t for t in tried if t in by_id}
+            tried = set()   # the joined kernel's other producers are tried again: a kernel
+            # that lay between one of them and C may be inside C now
 
     # siblings: kernels over the same space that do not depend on each other and read the
     # same tensor (group_norm's two moments read x once) or are both small (their final sums)

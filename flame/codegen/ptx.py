@@ -23,9 +23,12 @@ def kernel_ptx(name: str, src: str, dtypes, cc=(9, 0)) -> str:
     canon = src.replace(f"def {name}(", "def kernel(")
     arch = f"sm_{cc[0]}{cc[1]}"
 
+    bounds = re.search(r"# launch_bounds=(\d+)", src)   # see cuda.jit_line
+
     def make():
         fn = load("kernel", canon, "cuda", arch)
-        return cuda.compile_ptx(fn.py_func, sig, cc=cc)[0]
+        return cuda.compile_ptx(fn.py_func, sig, cc=cc,
+                                launch_bounds=int(bounds.group(1)) if bounds else None)[0]
     return cached_text([canon, arch, repr(sig), numba_cuda.__version__, _version("nvidia-nvvm")],
                        "kernel", "ptx", make, versioned=False)
 

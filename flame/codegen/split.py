@@ -14,12 +14,18 @@ from __future__ import annotations
 import math
 
 from ..ir.graph import Graph
-from ..ir.passes import _rewrite
+from ..ir.passes import _rewrite, dce
+from .fusion import is_pointwise
 
 MIN_INNER = 1 << 15      # shorter rows are cheap enough whole
 ROW_BLOCKS = 528         # 4 blocks per SM on a 132-SM H100: enough rows to fill the chip
 COLUMN_THREADS = 1 << 15
 AXIS_ROW = 32            # shortest trailing-axes row a split may keep as its partial rows
+# A row one GPU block holds in registers (kernel.LONG_ROW_THREADS * LONG_ROW_SLOTS elements)
+# stays whole when there are at least LONG_ROW_MIN_ROWS rows: one kernel reads it once for
+# every pass its statistics take (SD 1.5's group_norm groups: 64 rows of 40960 at batch 2).
+LONG_ROW = 1024 * 48
+LONG_ROW_MIN_ROWS = 32
 
 
 def _divisor(n: int, at_most: int, min_rest: int) -> int:
@@ -45,7 +51,58 @@ def _axis_rows(shape: tuple, axes: tuple, min_rows: int):
     return None
 
 
+def _producer_rows(x, inner: int, outer: int):
+    """(S, j, k): x's elements viewed in shape S, where its reduced ones are S's axes from j on
+    and rows of S's axes from k on (j <= k) are those of a row kernel that computes x: a
+    value broadcast along them reaches x elementwise (through reshapes), as a group_norm's
+    statistics reach its output. Partial sums over those rows join that kernel (split
+    loss sums of group_norm's [N, G, C/G, HW] view). None if there is no such value."""
+    stack, seen = [x], set()
+    while stack and len(seen) < 64:
+        n = stack.pop()
+        if n.id in seen or n.size != x.size or not (n.op == "reshape" or is_pointwise(n)):
+            continue
+        seen.add(n.id)
+        stack.extend(n.inputs)
+        S = n.shape
+        for i in n.inputs:
+            if i.size == n.size or len(i.shape) != len(S):
+                continue
+            k = len(S)
+            while k and i.shape[k - 1] == 1 and S[k - 1] != 1:
+                k -= 1
+            if k == len(S) or tuple(i.shape[:k]) != tuple(S[:k]):
+                continue
+            j = next((j for j in range(k + 1) if math.prod(S[j:]) == inner), None)
+            if j is not None and math.prod(S[:j]) == outer:
+                return tuple(S), j, k
+    return None
+
+
+def _reshaped(x, S: tuple, emit, users: dict):
+    """x viewed in shape S. A reshape back to S is its input; an elementwise value only this
+    view reads, of full-size inputs, is computed in S from its inputs viewed in S: x read in
+    the group view stays in the group view, so its kernel's rows stay the row kernel's."""
+    if tuple(x.shape) == S:
+        return x
+    if x.op == "reshape" and tuple(x.inputs[0].shape) == S:
+        return x.inputs[0]
+    if is_pointwise(x) and len(users.get(x.id, ())) == 1 and x.inputs and \
+            all(i.size == x.size and i.shape == x.shape for i in x.inputs):
+        return emit(x.op, tuple(_reshaped(i, S, emit, users) for i in x.inputs), x.attrs, x)
+    return emit("reshape", (x,), {"shape": S}, x)
+
+
+def _whole_rows(rows: int, row: int, outer: int) -> bool:
+    """Rows a row kernel runs well: short ones, enough to fill the GPU with blocks, or long
+    ones one block holds in registers (LONG_ROW), enough of them."""
+    return (row <= MIN_INNER and rows >= ROW_BLOCKS // outer) or \
+        (row <= LONG_ROW and rows >= LONG_ROW_MIN_ROWS)
+
+
 def split_reductions(graph: Graph) -> Graph:
+    users = graph.users()
+
     def visit(n, emit):
         if n.op not in ("sum", "max"):
             return n
@@ -56,8 +113,18 @@ def split_reductions(graph: Graph) -> Graph:
         if inner < MIN_INNER or not axes:
             return n
         trailing = tuple(range(nd - len(axes), nd)) == axes
+        if trailing and inner <= LONG_ROW and outer >= LONG_ROW_MIN_ROWS:
+            return n
         leading = tuple(range(len(axes))) == axes
         if trailing and outer < ROW_BLOCKS:
+            rows = _producer_rows(x, inner, outer)
+            if rows is not None and rows[1] < rows[2] and \
+                    _whole_rows(math.prod(rows[0][:rows[2]]), math.prod(rows[0][rows[2]:]), outer):
+                S, j, k = rows   # partial sums over the rows of the kernel that computes x
+                r = _reshaped(x, S, emit, users)
+                part = emit(n.op, (r,), {"axes": tuple(range(k, len(S))), "keepdims": False}, n)
+                tot = emit(n.op, (part,), {"axes": tuple(range(j, k)), "keepdims": False}, n)
+                return tot if tot.shape == n.shape else emit("reshape", (tot,), {"shape": n.shape}, n)
             k = _axis_rows(x.shape, axes, -(-ROW_BLOCKS // outer))
             if k is not None:   # partial sums over the tensor's own trailing axes (its producer's rows)
                 keep = nd - len(axes) + k
@@ -80,4 +147,4 @@ def split_reductions(graph: Graph) -> Graph:
         else:
             return n
         return tot if tot.shape == n.shape else emit("reshape", (tot,), {"shape": n.shape}, n)
-    return _rewrite(graph, visit)
+    return dce(_rewrite(graph, visit))   # values computed again in another view
