@@ -60,7 +60,6 @@ def median_ms(fn, sync, reps=10):
 
 def run(out_path):
     import torch
-    from diffusers import UNet2DConditionModel as TorchUNet
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     rows = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
@@ -90,7 +89,9 @@ def run(out_path):
         rows[f"flame_{name}_launches"] = r.launches
         print(json.dumps(rows), flush=True)
         del comp, r
-    # diffusers in torch, same config, same kind of random weights
+    # diffusers in torch, same config, same kind of random weights (imported here: flame's
+    # figures are printed even where diffusers or its dependencies are missing)
+    from diffusers import UNet2DConditionModel as TorchUNet
     tu = TorchUNet(sample_size=64, cross_attention_dim=768, attention_head_dim=8).cuda().float()
     tx, tt, tc, ty = (torch.from_numpy(a).cuda() for a in (x, t, c, y))
     sync = torch.cuda.synchronize

@@ -243,6 +243,22 @@ def test_group_norm_at_sd_size_is_one_row_kernel_holding_each_group_in_registers
     d = s.descs[runs[0].root.id]
     assert (d.n_outer, d.n_inner, d.row_threads, d.cache_slots) == (64, 40960, 1024, 40)
     assert "# launch_bounds=1024" in s.source(runs[0], False)
+    # 64 groups on 132 SMs: two blocks a group, each reducing all of it and storing half
+    from flame.codegen import cuda as cr
+    assert d.row_parts == 2 and cr.launch_dims(d, 256) == (128, 1024)
+
+
+@pytest.mark.parametrize("parts", [4, 1])
+def test_a_row_stored_by_several_blocks_is_not_written_in_place(parts, monkeypatch):
+    """group_norm of a conv's output, which nothing else reads: one block a group may write y
+    over it; with two blocks a group, one would overwrite what the other still reads."""
+    from flame.codegen import kernel as kd
+    monkeypatch.setattr(kd, "LONG_ROW_PARTS", parts)
+    s = flame.plan(lambda x, w: F.group_norm(F.conv2d(x, w, padding=1), 32), flame.spec((2, 320, 64, 64)),
+                   flame.spec((320, 320, 3, 3)), backend="cuda")
+    (k,) = [k for k in s.kernels if s.runs(k) and k.kind == "R"]
+    assert s.descs[k.root.id].row_parts == min(parts, 2)
+    assert (k.root.id in s.plan.in_place) == (parts == 1)
 
 
 def test_group_norm_backward_and_its_loss_are_one_row_kernel():
@@ -256,6 +272,7 @@ def test_group_norm_backward_and_its_loss_are_one_row_kernel():
     assert len(runs) == 2, [k.name for k in runs]
     assert (runs[0].full, runs[0].raxes) == ((2, 32, 10, 4096), (2, 3))
     assert [n.size for n in runs[0].out_nodes()] == [2 * 320 * 64 * 64, 64]   # the gradient, the partial sums
+    assert s.descs[runs[0].root.id].row_parts == 2
 
 
 def test_group_norm_of_longer_groups_is_three_launches_reading_x_twice():

@@ -5,7 +5,10 @@ loads of all of them in flight at once), adjacent threads adjacent elements. Row
 (the last axis reduced): a row is shared by a power of two of threads (row_threads: about
 eight elements each, so short rows put several rows in a block); each thread keeps the row
 elements it loads in registers, partial results meet through warp shuffles and, across
-warps, one shared-memory slot per warp. Reductions over leading axes: a thread per output.
+warps, one shared-memory slot per warp. Long rows (up to 49152 elements) take a block of 1024
+threads; where there are fewer of them than SMs, several blocks take each row, each reducing
+all of it and storing its part (kernel.LONG_ROW_BLOCKS). Reductions over leading axes: a
+thread per output.
 Every float constant is typed (np.float32(...)), so float32 kernels compile to float32 PTX."""
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ def launch_dims(desc: Described, block: int):
     """(grid, block) for this kernel."""
     if block_per_row(desc):
         rpb = rows_per_block(desc, block)
-        return -(-desc.n_outer // rpb), rpb * desc.row_threads
+        return -(-desc.n_outer // rpb) * desc.row_parts, rpb * desc.row_threads
     per = ELEMENTWISE_BLOCK * per_thread(desc)
     return -(-desc.n_outer // per), ELEMENTWISE_BLOCK
 
@@ -129,7 +132,10 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
     ind = "    "
     out = [jit_line(desc, block), f"def {name}({', '.join(p[0] for p in desc.params)}):",
            ind + "tid = cuda.threadIdx.x"]
-    if rpb == 1:
+    P = desc.row_parts
+    if P > 1:   # P blocks a row: each reduces all of it and stores its part (rpb is 1)
+        out += [ind + f"o = cuda.blockIdx.x // {P}", ind + f"part = cuda.blockIdx.x % {P}", ind + "lane = tid"]
+    elif rpb == 1:
         out += [ind + "o = cuda.blockIdx.x", ind + "lane = tid"]
     elif T == 1:
         out += [ind + f"o = cuda.blockIdx.x * {rpb} + tid", ind + "lane = 0"]
@@ -178,8 +184,10 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
                         ind + f"    {acc} = {_combine(op, acc, f't_{acc}')}"]
         out += [ind + l for l in results]
     ok = "valid" if ragged else ""
+    if P > 1:
+        ok = f"j * {P} // {slots} == part"   # this block's slots (constants once unrolled)
     for param, idx, val, d in desc.row_stores:
-        cond = "lane == 0" + (" and valid" if ragged else "")
+        cond = "lane == 0" + (" and valid" if ragged else "") + (" and part == 0" if P > 1 else "")
         out += [ind + f"if {cond}:", ind + f"    {param}[{idx}] = {_store(d, val)}"]
     if desc.full_store is not None:
         body, idx, vals = desc.full_store

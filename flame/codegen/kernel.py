@@ -123,12 +123,15 @@ class Described:
     row_cache: dict = field(default_factory=dict)     # rc_* local array -> dtype (GPU rows)
     cache_slots: int = 0
     row_threads: int = 0    # GPU threads that share one row (0: not a block-per-row kernel)
+    row_parts: int = 1      # GPU blocks per row, each storing a part of it (see LONG_ROW_BLOCKS)
 
     def in_place_candidates(self) -> list:
         """Buffers this kernel reads only at the index it writes: the output may overwrite
         them (each element is read before it is written, by the same thread)."""
         if self.kernel.extra:
             return []    # several outputs: keep it simple, none written in place
+        if self.row_parts > 1:
+            return []    # another block still reads the row this one writes
         idx = self.row_stores[0][1] if self.row_stores else self.full_store[1]
         out = self.kernel.root
         return [nid for nid, exprs in self.loads.items()
@@ -162,12 +165,14 @@ class Describer:
         rows = bool(raxes) and (len(full) - 1) in raxes
         self.row_threads = row_threads(n_inner, row_block) if rows and row_block else 0
         slots = -(-n_inner // self.row_threads) if self.row_threads else 0
-        most, self.cache_arrays = ROW_CACHE_SLOTS, 1 << 30
+        most, self.cache_arrays, self.row_parts = ROW_CACHE_SLOTS, 1 << 30, 1
         if slots > ROW_CACHE_SLOTS and n_inner <= LONG_ROW_THREADS * LONG_ROW_SLOTS:
             # a long row (a group_norm group) is held by one block of the most threads
             self.row_threads, most = LONG_ROW_THREADS, LONG_ROW_SLOTS
             slots = -(-n_inner // LONG_ROW_THREADS)
             self.cache_arrays = LONG_ROW_SLOTS // slots   # within its 64 registers a thread
+            n_outer = math.prod(full[d] for d in self.outer_dims)
+            self.row_parts = max(1, min(LONG_ROW_PARTS, LONG_ROW_BLOCKS // n_outer))
         self.cache_slots = slots if 1 <= slots <= most else 0
         self.cached = {}     # node id -> (local array name, dtype)
         # (coords, shape) -> a simpler expression of lin(coords, shape): the loop's own flat
@@ -456,6 +461,7 @@ class Describer:
         desc.row_cache = dict(self.cached.values())
         desc.cache_slots = self.cache_slots
         desc.row_threads = self.row_threads
+        desc.row_parts = self.row_parts
         # outputs last: reads in order of first use, then the written buffer
         desc.params = [p for p in self.param_list if p[2] == "read"] + \
                       [p for p in self.param_list if p[2] == "write"]
@@ -485,6 +491,11 @@ ROW_CACHE_SLOTS = 16
 # leaves such rows whole, see split.LONG_ROW).
 LONG_ROW_THREADS = 1024
 LONG_ROW_SLOTS = 48
+# Fewer long rows than an H100's (and H200's) 132 SMs leave SMs idle (64 groups of SD 1.5's
+# group_norm at batch 2): up to LONG_ROW_PARTS blocks then take each row, every one reading
+# the whole row for its statistics (the second read an L2 hit) and storing its part.
+LONG_ROW_BLOCKS = 132
+LONG_ROW_PARTS = 4
 ROW_ELEMENTS = 8    # elements of a row per GPU thread to aim for: loads in flight, short reductions
 
 
