@@ -165,6 +165,15 @@ def bench_sweep():
         kd.ROW_ELEMENTS, keep = elems, kd.ROW_ELEMENTS
         bench_rows({"block": block}, f" [block {block}, {elems}/thread]", ROW_CASES[:2] + ROW_CASES[3:], torch_too=False)
         kd.ROW_ELEMENTS = keep
+    # long rows (group_norm groups): blocks a row, at batch 2 (64 groups) and 1 (32 groups)
+    gn = [c for c in ROW_CASES if c[0].startswith("group_norm")]
+    gn1 = [(n.replace("2x", "1x", 1), f, t, (1,) + s[1:]) for n, f, t, s in gn]
+    keep = kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS
+    for rnd_ in range(2):
+        for parts, blocks in ((1, 132), (2, 132), (4, 264), (4, 132)):
+            kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS = parts, blocks
+            bench_rows({}, f" [at most {parts} blocks a row, {blocks} blocks, round {rnd_}]", gn + gn1, torch_too=False)
+    kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS = keep
 
 
 def bench_gemm():
