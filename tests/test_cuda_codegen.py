@@ -35,6 +35,9 @@ GRAPHS = {
     # a long group (LONG_GROUP lowered to 16): each channel's mean and centred sum of squares,
     # the group's from those, then the normalisation, x - row mean recomputed in each reader
     "group_norm_channel_rows": ("lambda x, b: F.group_norm(x + 40.0, 2, b, b)", [(1, 4, 4, 4), (4,)]),
+    # the silu over [N, C, H, W] inside the [N, G, C/G * H * W] row kernel (another view)
+    "other_view_silu_after_group_norm": ("lambda x, b: F.silu(F.group_norm(x, 2, b, b)) * 1.5", [(2, 4, 5, 6), (4,)], 32,
+                                         "F.LONG_GROUP = 1 << 30"),
     "multi_output_group_norm_backward": ("flame.value_and_grad(lambda x, w, b: (F.group_norm(x, 2, w, b) * x).sum(), argnums=(0, 1, 2))", [(2, 4, 5, 5), (4,), (4,)]),
     "training_step": ("flame.value_and_grad(lambda x, b: (F.softmax(x * b, dim=-1) * F.layer_norm(x, (12,))).sum(), argnums=(0, 1))", [(4, 12), (12,)]),
     # rows shared by several warps (shuffles, then one shared slot per warp), two rows a
@@ -88,6 +91,8 @@ def test_fusion_class_runs_under_cuda_simulator(name, tmp_path):
     assert any(k.startswith(("E_", "R_")) for k in res["kernels"]), res
     if name == "group_norm_channel_rows":   # channel statistics, group statistics, normalisation
         assert len(res["kernels"]) == 3, res
+    if name == "other_view_silu_after_group_norm":
+        assert len(res["kernels"]) == 1, res
     if name == "long_rows_in_registers":    # group rows of 128 on one block of 64 threads
         assert 64 in res["threads"], res
 

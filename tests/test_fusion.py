@@ -275,6 +275,19 @@ def test_group_norm_backward_and_its_loss_are_one_row_kernel():
     assert s.descs[runs[0].root.id].row_parts == 2
 
 
+def test_silu_after_group_norm_joins_its_row_kernel_in_another_view():
+    """group_norm's rows are [N, G, C/G * H * W]; the silu after it runs over [N, C, H, W]:
+    the same elements in another view, computed at the row kernel's own element (one kernel
+    forward; with the backward, one row kernel plus the final sums of the loss and of w, b)."""
+    x = rng.standard_normal((2, 64, 16, 16)).astype(np.float32)
+    w, b = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    c = compiled(lambda x, w, b: F.silu(F.group_norm(x, 32, w, b)), x, w, b)
+    assert [k.kind for k in c.runner.kernels] == ["R"], [k.name for k in c.runner.kernels]
+    vg = flame.value_and_grad(lambda x, w, b: (F.silu(F.group_norm(x, 32, w, b)) * x).sum(), argnums=(0, 1, 2))
+    c = compiled(vg, x, w, b)
+    assert len(c.runner.kernels) == 3, [k.name for k in c.runner.kernels]
+
+
 def test_group_norm_of_longer_groups_is_three_launches_reading_x_twice():
     """Groups longer than a block holds (30 x 4096 in SD 1.5's decoder): each channel's mean
     and centred sum of squares (one row kernel), the group's (one kernel), the normalisation;

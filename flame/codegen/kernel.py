@@ -272,6 +272,17 @@ class Describer:
         v = self._pointwise(body, node, coords)
         return self.assign(body, f"_bf16_round({v})") if node.dtype is dt.bf16 else v
 
+    def _view_coords(self, body, flat: str, shape) -> tuple:
+        """Coordinates, in `shape`, of the element at the kernel's own flat index `flat`: the
+        iteration space's own coordinates, or (a view of the same elements in another shape,
+        such as the [N, C, H, W] silu after a group_norm's [N, G, C/G, HW] rows) split from it."""
+        if tuple(shape) == tuple(self.k.full):
+            return self.full_coords()
+        i = self.assign(body, flat, "i")
+        sub = tuple(self.assign(body, e, "i") for e in split_flat(i, tuple(shape)))
+        self.flat[(sub, tuple(shape))] = flat
+        return sub
+
     def _load(self, body, node, coords):
         idx = self.assign(body, self.linear(coords, node.shape), "i")
         if node.dtype is dt.boolean:   # bools live in memory as one byte, 0 or 1
@@ -326,6 +337,10 @@ class Describer:
                 kept = iter(c for c, s in zip(coords, node.shape) if s != 1)
                 return self.emit(body, x, tuple("0" if s == 1 else next(kept) for s in x.shape))
             at = self.linear(coords, node.shape)
+            if tuple(x.shape) == tuple(self.k.full) and at == self.flat.get((self.full_coords(), self.k.full)):
+                # back to the iteration space at the kernel's own element: its own coordinates
+                # (row reductions are read there)
+                return self.emit(body, x, self.full_coords())
             flat = self.assign(body, at, "i")
             sub = tuple(self.assign(body, e, "i") for e in split_flat(flat, x.shape))
             self.flat[(sub, x.shape)] = at
@@ -445,8 +460,8 @@ class Describer:
         full_vals = []
         for r, store, _ in [(k.root, k.store, k.chain)] + k.extra:
             out = self.param(r, "write")    # reshapes after `store` only rename the buffer
-            if k.raxes and store.shape == k.full and store.op not in REDUCE_OPS:
-                full_vals.append((out, store))
+            if k.raxes and n_inner > 1 and store.size == math.prod(k.full) and store.op not in REDUCE_OPS:
+                full_vals.append((out, store))   # also in another view of the same elements
             elif store.op in REDUCE_OPS:
                 desc.row_stores.append((out, self._row_index(), self.red_vars[store.id], store.dtype))
             else:
@@ -455,8 +470,10 @@ class Describer:
                 desc.row_stores.append((out, self._row_index(), val, store.dtype))
         if full_vals:
             body = Body(row, inner_vars)
-            vals = [(out, self.emit(body, store, self.full_coords()), store.dtype) for out, store in full_vals]
-            desc.full_store = (body, self.linear(self.full_coords(), k.full), vals)
+            own = self.linear(self.full_coords(), k.full)
+            vals = [(out, self.emit(body, store, self._view_coords(body, own, store.shape)), store.dtype)
+                    for out, store in full_vals]
+            desc.full_store = (body, own, vals)
         desc.loads = self.loads
         desc.row_cache = dict(self.cached.values())
         desc.cache_slots = self.cache_slots

@@ -63,7 +63,8 @@ def _space(P: Kernel, C: Kernel):
     if P.kind == "E" and C.kind == "E":
         return (("E", C.full, ()), None) if P.full == C.full else (None, "it has another shape")
     R, E = (P, C) if P.kind == "R" else (C, P)
-    if E.full not in (R.full, _red(R.full, R.raxes), _squeezed(R.full, R.raxes)):
+    if E.full not in (R.full, _red(R.full, R.raxes), _squeezed(R.full, R.raxes)) and \
+            math.prod(E.full) != math.prod(R.full):   # (or the same elements in another view)
         return None, "the elementwise kernel is not shaped like the row kernel's rows"
     return ("R", R.full, R.raxes), None
 
@@ -86,6 +87,8 @@ def _rows_safe(nodes: list, ids: set, renames: set, full, raxes, users) -> str |
                     continue   # a later reduction over the same rows reads it in its loop;
                     # a reshape after a stored value only renames its buffer
                 ok = u.shape in shapes and (is_pointwise(u) or u.op == "expand" or unit_reshape(u))
+                # the same elements in another view, read at the kernel's own element
+                ok = ok or (math.prod(u.shape) == math.prod(full) and (is_pointwise(u) or u.op == "reshape"))
                 if not ok:
                     return f"{u.op} %{u.id} reads a row reduction off its rows"
                 stack.append(u)
