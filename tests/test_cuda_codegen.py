@@ -259,6 +259,17 @@ def test_a_rows_later_loads_are_issued_in_its_first_pass(prefetch, monkeypatch):
     assert {c for c in cached if f"{c}[j] = " in first_pass} == (cached if prefetch else cached - {max(cached)}), row
 
 
+def test_row_elements_read_through_a_reshape_are_prefetched_too():
+    """group_norm's backward reads the upstream gradient in the grouped view, through a
+    reshape: its prefetched load is made at the thread's own element in the first pass."""
+    fn = flame.value_and_grad(lambda x, w: (F.group_norm(x, 8) * w.tanh()).sum(), argnums=(0, 1))
+    src = _kernel_source(fn, (2, 32, 16, 16), (2, 32, 16, 16))
+    (row,) = [s for s in src.values() if "sqrt" in s]
+    cached = set(re.findall(r"(rc_p\d+)\[j\] = ", row))
+    first_pass = row.split("cuda.syncthreads()")[0]
+    assert len(cached) == 2 and all(f"{c}[j] = " in first_pass for c in cached), row
+
+
 def test_split_flat_falls_back_to_signed_division_past_2_31():
     from flame.codegen.kernel import split_flat
     assert split_flat("i", (4, 6)) == ["_div(i, 6)", "_mod(i, 6)"]

@@ -144,12 +144,12 @@ class Describer:
         row_threads. When each thread has at most ROW_CACHE_SLOTS elements of its row, it
         keeps those it loads in registers (rc_* local arrays), so later passes over the row
         (variance after mean, normalise after both) do not read memory again.
-        prefetch: node id -> (node, coordinates) of row elements to load into registers in the first
+        prefetch: node id -> node, of row elements to load into registers in the first
         pass although a later pass reads them first (see describe())."""
         self.k = kernel
         self.prefetch = prefetch or {}
         self.first_stage = None
-        self.late_loads = {}   # cached node id -> (node, coordinates), first loaded after the first pass
+        self.late_loads = {}   # cached node id -> node, first loaded after the first pass
         self.members = kernel.member_ids
         self.params = {}
         self.param_list = []
@@ -260,7 +260,7 @@ class Describer:
                 body.lines.append(f"{name}[j] = {v}")
                 self.cached[node.id] = (name, node.dtype)
                 if body is not self.first_stage:
-                    self.late_loads[node.id] = (node, coords)
+                    self.late_loads[node.id] = node
                 return v
             return self._load(body, node, coords)
         if node.op in REDUCE_OPS:
@@ -440,8 +440,9 @@ class Describer:
                     stage, stage_reds = Body(row, inner_vars), set()
                     if self.first_stage is None:
                         self.first_stage = stage
-                        for node, coords in self.prefetch.values():
-                            self.emit(stage, node, coords)
+                        own = self.linear(self.full_coords(), self.k.full)
+                        for node in self.prefetch.values():   # read at this thread's own element
+                            self.emit(stage, node, self._view_coords(stage, own, node.shape))
                 before = len(row.lines)
                 val = self.emit(stage, n.inputs[0], self.full_coords())
                 if join:

@@ -83,9 +83,11 @@ def _rows_safe(nodes: list, ids: set, renames: set, full, raxes, users) -> str |
                 if u.id not in ids or u.id in seen:
                     continue
                 seen.add(u.id)
-                if u.op in REDUCE_OPS or u.id in renames:
-                    continue   # a later reduction over the same rows reads it in its loop;
-                    # a reshape after a stored value only renames its buffer
+                if u.op in REDUCE_OPS:
+                    continue   # a later reduction over the same rows reads it in its loop
+                if u.id in renames:   # a reshape after a stored value renames its buffer, but
+                    stack.append(u)   # what reads it inside the kernel is checked all the same
+                    continue
                 ok = u.shape in shapes and (is_pointwise(u) or u.op == "expand" or unit_reshape(u))
                 # the same elements in another view, read at the kernel's own element
                 ok = ok or (math.prod(u.shape) == math.prod(full) and (is_pointwise(u) or u.op == "reshape"))
@@ -174,10 +176,13 @@ def merge_kernels(graph: Graph, kernels: list, is_alias) -> list:
 
     def join(P, C, space, at):
         J = _join(P, C, space, needed, order)
-        ins = [Q for Q in producers(J) if Q is not P and Q is not C]
-        for Q in ins:
-            readers[id(Q)] -= {id(P), id(C)}
-            readers[id(Q)].add(id(J))
+        # P and C leave every reader set, also of a kernel J no longer reads (a value P read
+        # that C computes too, rule recompute); J joins those of the kernels it reads
+        for rs in readers.values():
+            rs.difference_update((id(P), id(C)))
+        for Q in producers(J):
+            if Q is not P and Q is not C:
+                readers[id(Q)].add(id(J))
         readers[id(J)] = (readers.pop(id(P)) | readers.pop(id(C))) - {id(P), id(C)}
         for r in J.out_nodes():
             made_by[r.id] = J

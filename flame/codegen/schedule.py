@@ -39,7 +39,7 @@ class Schedule:
 
 
 def make_schedule(graph: Graph, target: str = "cpu", block: int = 256) -> Schedule:
-    graph = split_reductions(graph)
+    graph = split_reductions(graph, long_rows=target != "cpu")
     kernels = fuse(graph)
     row_block = block if target != "cpu" else 0
     descs = {k.root.id: describe(k, row_block) for k in kernels

@@ -93,14 +93,16 @@ def _reshaped(x, S: tuple, emit, users: dict):
     return emit("reshape", (x,), {"shape": S}, x)
 
 
-def _whole_rows(rows: int, row: int, outer: int) -> bool:
-    """Rows a row kernel runs well: short ones, enough to fill the GPU with blocks, or long
-    ones one block holds in registers (LONG_ROW), enough of them."""
+def _whole_rows(rows: int, row: int, outer: int, long_rows: bool) -> bool:
+    """Rows a row kernel runs well: short ones, enough to fill the GPU with blocks, or (on the
+    GPU) long ones one block holds in registers (LONG_ROW), enough of them."""
     return (row <= MIN_INNER and rows >= ROW_BLOCKS // outer) or \
-        (row <= LONG_ROW and rows >= LONG_ROW_MIN_ROWS)
+        (long_rows and row <= LONG_ROW and rows >= LONG_ROW_MIN_ROWS)
 
 
-def split_reductions(graph: Graph) -> Graph:
+def split_reductions(graph: Graph, long_rows: bool = True) -> Graph:
+    """long_rows: leave rows one GPU block holds (LONG_ROW) whole; off for the CPU, whose row
+    loops sum serially (in two stages a long float32 sum keeps its precision)."""
     users = graph.users()
 
     def visit(n, emit):
@@ -113,13 +115,13 @@ def split_reductions(graph: Graph) -> Graph:
         if inner < MIN_INNER or not axes:
             return n
         trailing = tuple(range(nd - len(axes), nd)) == axes
-        if trailing and inner <= LONG_ROW and outer >= LONG_ROW_MIN_ROWS:
+        if long_rows and trailing and inner <= LONG_ROW and outer >= LONG_ROW_MIN_ROWS:
             return n
         leading = tuple(range(len(axes))) == axes
         if trailing and outer < ROW_BLOCKS:
             rows = _producer_rows(x, inner, outer)
             if rows is not None and rows[1] < rows[2] and \
-                    _whole_rows(math.prod(rows[0][:rows[2]]), math.prod(rows[0][rows[2]:]), outer):
+                    _whole_rows(math.prod(rows[0][:rows[2]]), math.prod(rows[0][rows[2]:]), outer, long_rows):
                 S, j, k = rows   # partial sums over the rows of the kernel that computes x
                 r = _reshaped(x, S, emit, users)
                 part = emit(n.op, (r,), {"axes": tuple(range(k, len(S))), "keepdims": False}, n)
