@@ -38,6 +38,10 @@ GRAPHS = {
     # the silu over [N, C, H, W] inside the [N, G, C/G * H * W] row kernel (another view)
     "other_view_silu_after_group_norm": ("lambda x, b: F.silu(F.group_norm(x, 2, b, b)) * 1.5", [(2, 4, 5, 6), (4,)], 32,
                                          "F.LONG_GROUP = 1 << 30"),
+    # views apart only by size-1 axes, and rows over a middle axis seen in another view
+    "other_view_unit_axes": ("lambda x, b: F.silu(F.group_norm(x, 1, b, b))", [(3, 6, 1, 4), (6,)], 32,
+                             "F.LONG_GROUP = 1 << 30"),
+    "other_view_middle_axis_rows": ("lambda x, b: F.softmax(x, dim=1).reshape(4, 35) * b", [(2, 5, 14), (35,)]),
     "multi_output_group_norm_backward": ("flame.value_and_grad(lambda x, w, b: (F.group_norm(x, 2, w, b) * x).sum(), argnums=(0, 1, 2))", [(2, 4, 5, 5), (4,), (4,)]),
     "training_step": ("flame.value_and_grad(lambda x, b: (F.softmax(x * b, dim=-1) * F.layer_norm(x, (12,))).sum(), argnums=(0, 1))", [(4, 12), (12,)]),
     # rows shared by several warps (shuffles, then one shared slot per warp), two rows a

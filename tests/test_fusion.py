@@ -290,6 +290,52 @@ def test_silu_after_group_norm_joins_its_row_kernel_in_another_view():
     assert len([k for k in s.kernels if s.runs(k)]) == 3, [k.name for k in s.kernels]
 
 
+def _softmax_seen_in_two_views(x):
+    y = F.softmax(x, -1)
+    return (y.reshape(8, 4) * 3.0).reshape(4, 8) + x.max(-1, keepdim=True)
+
+
+def _silu_kept_and_summed_in_rows_of_one(x, w):
+    a = F.silu(x.reshape(2, 3)) * w
+    return a, a.reshape(6, 1).sum(-1)
+
+
+# values in another view of a row kernel's elements (a review found the first four failing to
+# compile or giving wrong numbers): views apart only by size-1 axes, rows over a middle axis,
+# rows of one element, a per-row value broadcast in another view, and views there and back
+OTHER_VIEWS = {
+    "unit_axes_group_norm": (lambda x: F.silu(F.group_norm(x, 1)), [(3, 6, 1, 4)]),
+    "unit_axes_softmax": (lambda x: F.silu(F.softmax(x, -1).reshape(2, 4, 1, 5)), [(2, 4, 5)]),
+    "middle_axis_rows": (lambda x: F.softmax(x, dim=1).reshape(4, 6) * 2.0, [(2, 3, 4)]),
+    "leading_axis_rows": (lambda x: F.softmax(x, 0).reshape(12, 2) + 1.0, [(3, 4, 2)]),
+    "rows_of_one_element": (_silu_kept_and_summed_in_rows_of_one, [(6,), (3,)]),
+    "row_sum_broadcast_in_another_view": (lambda x: x.reshape(8, 4) + x.sum(-1), [(4, 8)]),
+    "there_and_back": (_softmax_seen_in_two_views, [(4, 8)]),
+    "unit_axes_and_a_bias": (lambda x, b: F.softmax(x, -1).reshape(3, 4) + b, [(2, 1, 6), (4,)]),
+    "prologue_in_another_view": (lambda x: F.softmax(F.silu(x).reshape(4, 8), -1), [(8, 4)]),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_VIEWS))
+def test_values_in_another_view_of_a_row_kernel_equal_the_interpreter(name):
+    fn, shapes = OTHER_VIEWS[name]
+    xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    compiled(fn, *xs)
+
+    def loss(*a):
+        out = fn(*a)
+        return sum((t * t).sum() for t in (out if isinstance(out, tuple) else (out,)))
+    compiled(flame.value_and_grad(loss, argnums=tuple(range(len(xs)))), *xs)
+
+
+def test_a_per_row_value_broadcast_in_another_view_stays_out_of_the_row_kernel():
+    """x.reshape(8, 4) + x.sum(-1): element (i, j) reads the sum of row j of x, not of its own
+    row, so the add cannot run at the row kernel's own element."""
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    c = compiled(lambda x: x.reshape(8, 4) + x.sum(-1), x)
+    assert len(c.runner.kernels) == 2, [k.name for k in c.runner.kernels]
+
+
 def test_losses_through_scalar_ops_of_a_kept_group_norm_output_equal_the_interpreter():
     """(y ** 2).mean() and (y * 2.0).sum() with y = group_norm(x) also returned: the loss is
     split along the group rows through reshapes of y (a review found these failing to compile

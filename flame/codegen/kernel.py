@@ -186,6 +186,8 @@ class Describer:
             self.flat[(fc, full)] = f"o * {n_inner} + r" if n_inner < math.prod(full) else "r"
         elif self.outer_dims == tuple(range(len(self.inner_dims), len(full))):
             self.flat[(fc, full)] = f"r * {math.prod(full) // n_inner} + o" if n_inner < math.prod(full) else "r"
+        # the flat index of this thread's own element of the iteration space
+        self.own_flat = self.linear(fc, full)
 
     def linear(self, coords, shape) -> str:
         """The flat index of `coords` in a contiguous array of `shape`."""
@@ -250,7 +252,7 @@ class Describer:
             self.loads.setdefault(node.id, set()).add(at)
             # this thread's own element of the row (also through a reshape): kept in registers
             cache = self.cache_slots and body.parent is not None and \
-                at == self.flat.get((self.full_coords(), self.k.full)) and \
+                at == self.own_flat and \
                 (node.id in self.cached or len(self.cached) < self.cache_arrays)
             if cache and node.id in self.cached:
                 return self.assign(body, f"{self.cached[node.id][0]}[j]")
@@ -278,6 +280,12 @@ class Describer:
         such as the [N, C, H, W] silu after a group_norm's [N, G, C/G, HW] rows) split from it."""
         if tuple(shape) == tuple(self.k.full):
             return self.full_coords()
+        if flat == self.own_flat and _unit_axes_apart(shape, self.k.full):
+            # only size-1 axes added or removed: the own coordinates carry over as they are
+            kept = iter(c for c, s in zip(self.full_coords(), self.k.full) if s != 1)
+            sub = tuple("0" if s == 1 else next(kept) for s in shape)
+            self.flat[(sub, tuple(shape))] = flat
+            return sub
         i = self.assign(body, flat, "i")
         sub = tuple(self.assign(body, e, "i") for e in split_flat(i, tuple(shape)))
         self.flat[(sub, tuple(shape))] = flat
@@ -331,16 +339,20 @@ class Describer:
         if op == "reshape":
             if x.shape == node.shape:
                 return self.emit(body, x, coords)
-            if [s for s in x.shape if s != 1] == [s for s in node.shape if s != 1]:
-                # only size-1 axes added or removed: the other coordinates carry over as they
-                # are (so a row reduction reshaped is still read at its row's coordinates)
-                kept = iter(c for c, s in zip(coords, node.shape) if s != 1)
-                return self.emit(body, x, tuple("0" if s == 1 else next(kept) for s in x.shape))
             at = self.linear(coords, node.shape)
-            if tuple(x.shape) == tuple(self.k.full) and at == self.flat.get((self.full_coords(), self.k.full)):
+            if tuple(x.shape) == tuple(self.k.full) and at == self.own_flat:
                 # back to the iteration space at the kernel's own element: its own coordinates
                 # (row reductions are read there)
                 return self.emit(body, x, self.full_coords())
+            if _unit_axes_apart(x.shape, node.shape):
+                # only size-1 axes added or removed: the other coordinates carry over as they
+                # are (so a row reduction reshaped is still read at its row's coordinates),
+                # and so does the flat index they are known to stand for
+                kept = iter(c for c, s in zip(coords, node.shape) if s != 1)
+                sub = tuple("0" if s == 1 else next(kept) for s in x.shape)
+                if (coords, tuple(node.shape)) in self.flat:
+                    self.flat.setdefault((sub, tuple(x.shape)), at)
+                return self.emit(body, x, sub)
             flat = self.assign(body, at, "i")
             sub = tuple(self.assign(body, e, "i") for e in split_flat(flat, x.shape))
             self.flat[(sub, x.shape)] = at
@@ -549,6 +561,11 @@ def div_mod(total: int):
     if total < 2 ** 31:
         return "_div({}, {})".format, "_mod({}, {})".format
     return "({} // {})".format, "({} % {})".format
+
+
+def _unit_axes_apart(a: tuple, b: tuple) -> bool:
+    """Whether shapes a and b differ only by axes of size 1."""
+    return [s for s in a if s != 1] == [s for s in b if s != 1]
 
 
 def split_flat(var: str, shape: tuple) -> list:

@@ -64,9 +64,16 @@ def _space(P: Kernel, C: Kernel):
         return (("E", C.full, ()), None) if P.full == C.full else (None, "it has another shape")
     R, E = (P, C) if P.kind == "R" else (C, P)
     if E.full not in (R.full, _red(R.full, R.raxes), _squeezed(R.full, R.raxes)) and \
-            math.prod(E.full) != math.prod(R.full):   # (or the same elements in another view)
+            not _other_view(E.full, R.full, R.raxes):
         return None, "the elementwise kernel is not shaped like the row kernel's rows"
     return ("R", R.full, R.raxes), None
+
+
+def _other_view(shape, full, raxes) -> bool:
+    """Whether `shape` holds the same elements as a row kernel's iteration space `full`, in
+    another view (each computed at the kernel's own element). Rows of one element are left
+    out: there the per-row shape is itself the whole space, and the two cannot be told apart."""
+    return math.prod(shape) == math.prod(full) > math.prod(_red(full, raxes))
 
 
 def _rows_safe(nodes: list, ids: set, renames: set, full, raxes, users) -> str | None:
@@ -89,8 +96,11 @@ def _rows_safe(nodes: list, ids: set, renames: set, full, raxes, users) -> str |
                     stack.append(u)   # what reads it inside the kernel is checked all the same
                     continue
                 ok = u.shape in shapes and (is_pointwise(u) or u.op == "expand" or unit_reshape(u))
-                # the same elements in another view, read at the kernel's own element
-                ok = ok or (math.prod(u.shape) == math.prod(full) and (is_pointwise(u) or u.op == "reshape"))
+                # the same elements in another view, read at the kernel's own element: from a
+                # value of every element (a per-row value broadcast in another view would be
+                # read at some other row's coordinates)
+                ok = ok or (_other_view(u.shape, full, raxes) and math.prod(n.shape) == math.prod(full)
+                            and (is_pointwise(u) or u.op == "reshape"))
                 if not ok:
                     return f"{u.op} %{u.id} reads a row reduction off its rows"
                 stack.append(u)
