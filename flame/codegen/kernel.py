@@ -280,10 +280,9 @@ class Describer:
         such as the [N, C, H, W] silu after a group_norm's [N, G, C/G, HW] rows) split from it."""
         if tuple(shape) == tuple(self.k.full):
             return self.full_coords()
-        if flat == self.own_flat and _unit_axes_apart(shape, self.k.full):
+        if flat == self.own_flat and unit_axes_apart(shape, self.k.full):
             # only size-1 axes added or removed: the own coordinates carry over as they are
-            kept = iter(c for c, s in zip(self.full_coords(), self.k.full) if s != 1)
-            sub = tuple("0" if s == 1 else next(kept) for s in shape)
+            sub = carry_over_unit_axes(self.full_coords(), self.k.full, shape)
             self.flat[(sub, tuple(shape))] = flat
             return sub
         i = self.assign(body, flat, "i")
@@ -344,12 +343,11 @@ class Describer:
                 # back to the iteration space at the kernel's own element: its own coordinates
                 # (row reductions are read there)
                 return self.emit(body, x, self.full_coords())
-            if _unit_axes_apart(x.shape, node.shape):
+            if unit_axes_apart(x.shape, node.shape):
                 # only size-1 axes added or removed: the other coordinates carry over as they
                 # are (so a row reduction reshaped is still read at its row's coordinates),
                 # and so does the flat index they are known to stand for
-                kept = iter(c for c, s in zip(coords, node.shape) if s != 1)
-                sub = tuple("0" if s == 1 else next(kept) for s in x.shape)
+                sub = carry_over_unit_axes(coords, node.shape, x.shape)
                 if (coords, tuple(node.shape)) in self.flat:
                     self.flat.setdefault((sub, tuple(x.shape)), at)
                 return self.emit(body, x, sub)
@@ -563,9 +561,15 @@ def div_mod(total: int):
     return "({} // {})".format, "({} % {})".format
 
 
-def _unit_axes_apart(a: tuple, b: tuple) -> bool:
+def unit_axes_apart(a: tuple, b: tuple) -> bool:
     """Whether shapes a and b differ only by axes of size 1."""
     return [s for s in a if s != 1] == [s for s in b if s != 1]
+
+
+def carry_over_unit_axes(coords: tuple, shape: tuple, to: tuple) -> tuple:
+    """`coords` in `shape` as coordinates in `to`, a shape apart from it only by size-1 axes."""
+    kept = iter(c for c, s in zip(coords, shape) if s != 1)
+    return tuple("0" if s == 1 else next(kept) for s in to)
 
 
 def split_flat(var: str, shape: tuple) -> list:

@@ -28,6 +28,7 @@ import math
 
 from ..ir.graph import Graph
 from .fusion import MOVEMENT_OPS, REDUCE_OPS, RULES, Kernel, is_literal, is_pointwise
+from .kernel import unit_axes_apart
 
 MAX_NODES = 64       # computing (non-movement) nodes in a joined kernel: Numba compile time grows with it
 MAX_OUTPUTS = 4
@@ -44,7 +45,7 @@ def _squeezed(full, raxes):
 
 def unit_reshape(n) -> bool:
     """A reshape that only adds or removes axes of size 1."""
-    return n.op == "reshape" and [s for s in n.shape if s != 1] == [s for s in n.inputs[0].shape if s != 1]
+    return n.op == "reshape" and unit_axes_apart(n.shape, n.inputs[0].shape)
 
 
 def _space(P: Kernel, C: Kernel):
