@@ -265,8 +265,10 @@ def test_loss_curve_png(tmp_path):
     cols = np.nonzero(blue.any(axis=0))[0]
     assert cols.min() <= plot.MARGIN[0] + 2 and cols.max() >= plot.SIZE[0] - plot.MARGIN[2] - 2
     rows_at = lambda c: np.nonzero(blue[:, c])[0].mean()
-    # a falling loss: the curve starts high (small row index) and ends low
-    assert rows_at(cols.min() + 1) < plot.MARGIN[1] + 10 and rows_at(cols.max() - 1) > plot.SIZE[1] / 2
+    # a falling loss: the curve starts in the top quarter of the plot and ends in the bottom half
+    # (the noise may put the highest point at step 2 or 3, a few pixels above step 1)
+    top, bottom = plot.MARGIN[1], plot.SIZE[1] - plot.MARGIN[3]
+    assert rows_at(cols.min() + 1) < top + (bottom - top) / 4 and rows_at(cols.max() - 1) > plot.SIZE[1] / 2
 
 
 def test_caption_dropout_and_random_crop(tmp_path, rng):

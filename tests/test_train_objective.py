@@ -41,9 +41,12 @@ def test_add_noise_and_velocity_equal_diffusers(backend):
     noisy, v = f(lat, noise, t)
     s = ddpm()
     tl, tn, tt = torch.from_numpy(lat), torch.from_numpy(noise), torch.from_numpy(t)
-    # sqrt(1 - alphas_cumprod) differs by up to 1.3e-5 relative between float32 and float64 tables
-    assert np.allclose(noisy, s.add_noise(tl, tn, tt).numpy(), rtol=3e-5, atol=1e-6)
-    assert np.allclose(v, s.get_velocity(tl, tn, tt).numpy(), rtol=3e-5, atol=1e-6)
+    # The float32 and float64 tables differ by up to 4e-7 of each term's size (1.3e-5 relative on
+    # sqrt(1 - ac_0) = 0.029), so the error is bounded by the terms, not by their sum, which may
+    # cancel to near zero (measured: at most 6.9e-7 of |x| + |eps| over 300 random batches)
+    bound = 3e-6 * (np.abs(lat) + np.abs(noise)) + 1e-7
+    assert np.all(np.abs(noisy - s.add_noise(tl, tn, tt).numpy()) <= bound)
+    assert np.all(np.abs(v - s.get_velocity(tl, tn, tt).numpy()) <= bound)
 
 
 def kohya_apply_snr_weight(loss, timesteps, noise_scheduler, gamma, v_prediction=False):
