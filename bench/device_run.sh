@@ -5,6 +5,7 @@
 #   BENCH="--sweep"            arguments of bench/gpu_bench.py ("skip" for no benchmark)
 #   .old/ (optional)           an earlier flame/ and bench/, benchmarked first on the same card
 #                              (git archive <commit> flame bench | tar -x -C .old)
+#   OLD_BENCH="--only rows"    its benchmark's arguments (default: elementwise, rows, block)
 # The benchmark runs before the tests (a run cut by its time limit keeps the figures).
 # Logs and JSON results go to $OUT.
 set -uo pipefail
@@ -17,7 +18,7 @@ python3 -c "import numpy, numba, numba_cuda, torch; print('numpy', numpy.__versi
 if [ -d .old ] && [ "${BENCH:-}" != skip ]; then
   echo "== before: .old"
   (cd .old && PYTHONPATH=$PWD:/tmp/site FLAME_CACHE_DIR=/tmp/fc_old timeout 240 python3 bench/gpu_bench.py \
-     --only elementwise,rows,block --out "$OUT/before.json" > "$OUT/before.log" 2>&1; tail -4 "$OUT/before.log")
+     ${OLD_BENCH:---only elementwise,rows,block} --out "$OUT/before.json" > "$OUT/before.log" 2>&1; tail -4 "$OUT/before.log")
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 if [ "${BENCH:-}" != skip ]; then

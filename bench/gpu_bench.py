@@ -176,6 +176,36 @@ def bench_sweep():
     kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS = keep
 
 
+def bench_long_rows():
+    """SD 1.5's group_norm at batch 2 (64 groups of 40960) under the long-row settings: threads
+    a block, blocks a group (a thread block cluster), at most this many blocks. Beside it, in
+    the same [64, 40960] rows: a copy (x * 2 + 1, elementwise) and one reduction stage
+    (x - mean), which tell what the passes over the row cost."""
+    from flame.codegen import kernel as kd
+    shape = (2, 320, 64, 64)
+    n = int(np.prod(shape))
+    x = rnd(*shape)
+    tx = torch.from_numpy(x).cuda()
+    row("long rows: torch clone 2x320x64x64", median_ms_torch(lambda: tx.clone()), float("nan"), bytes_=8 * n,
+        note=roofline(8 * n, median_ms_torch(lambda: tx.clone())))
+    fr = flame_runner(lambda x: x * 2.0 + 1.0, x)
+    ms = median_ms_flame(fr)
+    row("long rows: x * 2 + 1", ms, float("nan"), bytes_=8 * n, note=roofline(8 * n, ms))
+    w = rnd(*shape)
+    cases = [("x - group mean", lambda x: (x.reshape(64, 40960) - x.reshape(64, 40960).mean(-1, keepdim=True)), 8),
+             ("group_norm fwd", lambda x: F.group_norm(x, 32), 8),
+             ("group_norm fwd+bwd", flame.value_and_grad(lambda x: (F.group_norm(x, 32) * flame.const(w)).sum()), 12)]
+    keep = kd.LONG_ROW_THREADS, kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS
+    for threads, parts, blocks in ((1024, 1, 132), (1024, 2, 132), (1024, 4, 264), (512, 4, 264), (512, 8, 528)):
+        kd.LONG_ROW_THREADS, kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS = threads, parts, blocks
+        for name, fn, per in cases:
+            fr = flame_runner(fn, x)
+            ms = median_ms_flame(fr)
+            row(f"long rows: {name} [{threads} threads, {parts} blocks a group]", ms, float("nan"),
+                bytes_=per * n, note=f"{fr.launches} launch(es); {roofline(per * n, ms)}")
+    kd.LONG_ROW_THREADS, kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS = keep
+
+
 def bench_gemm():
     shapes = [(4096, 320, 320), (4096, 320, 1280), (4096, 1280, 320), (1024, 640, 640), (256, 1280, 1280), (4096, 4096, 4096)]
     for tf32 in (False, True):
@@ -315,8 +345,10 @@ def main():
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     bench_copy()
     for name, fn in (("elementwise", bench_elementwise), ("rows", bench_rows), ("gemm", bench_gemm),
-                     ("conv", bench_conv), ("block", bench_block), ("sweep", bench_sweep)):
-        if (args.only and name not in args.only.split(",")) or (name == "sweep" and not args.sweep):
+                     ("conv", bench_conv), ("block", bench_block), ("long_rows", bench_long_rows),
+                     ("sweep", bench_sweep)):
+        if (args.only and name not in args.only.split(",")) or (name in ("sweep", "long_rows") and not (
+                args.sweep or name in args.only.split(","))):
             continue
         try:
             fn()

@@ -121,6 +121,37 @@ def test_every_generated_kernel_compiles_to_ptx_without_float64(tmp_path, monkey
     assert count >= len(GRAPHS)
 
 
+@pytest.mark.parametrize("src, shape, parts", [
+    ("lambda x: F.group_norm(x, 32)", (2, 320, 64, 64), 2),
+    ("lambda x: F.silu(F.group_norm(x, 32))", (1, 320, 64, 64), 4),
+    ("lambda x: F.softmax(x, dim=-1)", (32, 40960), 4),                      # a max stage, then a sum
+    ("flame.grad(lambda x: (F.group_norm(x, 32) * x).sum())", (2, 320, 32, 64), 2)])
+def test_rows_on_a_cluster_of_blocks_compile_to_ptx_and_cubin(src, shape, parts, tmp_path, monkeypatch):
+    """A long row on a thread block cluster: each block loads only its part, thread 0 posts
+    the block's partial result, and after the cluster barrier every thread reads all of them
+    from the blocks' shared memory (mapa + a generic load); the last barrier is split around
+    the stores. No float64, and nvJitLink links it for sm_90."""
+    pytest.importorskip("cuda.core")
+    from flame.codegen import cuda as cr
+    from flame.codegen.kernel import row_steps
+    from flame.codegen.ptx import float64_instructions, kernel_cubin, kernel_ptx
+    monkeypatch.setenv("FLAME_CACHE_DIR", str(tmp_path))
+    s = flame.plan(eval(src), flame.spec(shape, "f32"), backend="cuda")
+    clustered = [k for k in s.kernels if s.runs(k) and k.kind != "L" and cr.cluster_blocks(s.descs[k.root.id]) > 1]
+    assert clustered
+    for k in clustered:
+        d = s.descs[k.root.id]
+        assert d.row_parts == parts
+        stages = sum(isinstance(st, list) for st in row_steps(d))
+        src_k = s.source(k)
+        ptx = kernel_ptx(k.name, src_k, [p[1].dtype for p in d.params])
+        assert ptx.count("barrier.cluster.arrive.release;") == stages + 1
+        assert ptx.count("barrier.cluster.wait.acquire;") == stages + 1
+        assert ptx.count("mapa.u64") >= stages * parts and float64_instructions(ptx) == []
+        entry, cubin = kernel_cubin(k.name, src_k, [p[1].dtype for p in d.params])
+        assert cubin[:4] == b"\x7fELF"
+
+
 def test_float64_check_catches_float64_math(tmp_path, monkeypatch):
     from flame.codegen.ptx import compile_ptx, float64_instructions
     monkeypatch.setenv("FLAME_CACHE_DIR", str(tmp_path))

@@ -242,24 +242,37 @@ def test_group_norm_at_sd_size_is_one_row_kernel_holding_each_group_in_registers
     runs = [k for k in s.kernels if s.runs(k)]
     assert len(runs) == 1, [k.name for k in runs]
     d = s.descs[runs[0].root.id]
-    assert (d.n_outer, d.n_inner, d.row_threads, d.cache_slots) == (64, 40960, 1024, 40)
+    assert (d.n_outer, d.n_inner, d.row_threads, d.cache_slots) == (64, 40960, 1024, 20)
     assert "# launch_bounds=1024" in s.source(runs[0], False)
-    # 64 groups on 132 SMs: two blocks a group, each reducing all of it and storing half
+    # 64 groups on 132 SMs: a cluster of two blocks a group, each loading and storing half
     from flame.codegen import cuda as cr
-    assert d.row_parts == 2 and cr.launch_dims(d, 256) == (128, 1024)
+    assert d.row_parts == 2 and cr.launch_dims(d, 256) == (128, 1024) and cr.cluster_blocks(d) == 2
+    src = s.source(runs[0], False)
+    assert "r = lane + (part * 20 + j) * 1024" in src and "cuda.local.array(20," in src
+    assert src.count("cluster_sync()") == 2 and src.rstrip().endswith("cluster_wait()")
 
 
 @pytest.mark.parametrize("parts", [4, 1])
-def test_a_row_stored_by_several_blocks_is_not_written_in_place(parts, monkeypatch):
-    """group_norm of a conv's output, which nothing else reads: one block a group may write y
-    over it; with two blocks a group, one would overwrite what the other still reads."""
+def test_a_row_on_a_cluster_of_blocks_is_written_in_place(parts, monkeypatch):
+    """group_norm of a conv's output, which nothing else reads: y may overwrite it, with one
+    block a group or a cluster of two, where each block reads only the half it writes."""
     from flame.codegen import kernel as kd
     monkeypatch.setattr(kd, "LONG_ROW_PARTS", parts)
     s = flame.plan(lambda x, w: F.group_norm(F.conv2d(x, w, padding=1), 32), flame.spec((2, 320, 64, 64)),
                    flame.spec((320, 320, 3, 3)), backend="cuda")
     (k,) = [k for k in s.kernels if s.runs(k) and k.kind == "R"]
     assert s.descs[k.root.id].row_parts == min(parts, 2)
-    assert (k.root.id in s.plan.in_place) == (parts == 1)
+    assert k.root.id in s.plan.in_place
+
+
+def test_long_rows_take_one_block_each_without_clusters():
+    """The simulator (blocks one at a time) and GPUs before sm_90 have no clusters."""
+    from flame.codegen.schedule import make_schedule
+    g = flame.trace(lambda x: F.group_norm(x, 32), flame.spec((2, 320, 64, 64), "f32"))
+    for target, clusters in (("cuda-sim", True), ("cuda", False)):
+        s = make_schedule(g, target, clusters=clusters)
+        (k,) = [k for k in s.kernels if s.runs(k)]
+        assert s.descs[k.root.id].row_parts == 1 and "cluster" not in s.source(k)
 
 
 def test_group_norm_backward_and_its_loss_are_one_row_kernel():

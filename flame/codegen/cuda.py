@@ -6,9 +6,10 @@ loads of all of them in flight at once), adjacent threads adjacent elements. Row
 eight elements each, so short rows put several rows in a block); each thread keeps the row
 elements it loads in registers, partial results meet through warp shuffles and, across
 warps, one shared-memory slot per warp. Long rows (up to 49152 elements) take a block of 1024
-threads; where there are fewer of them than SMs, several blocks take each row, each reducing
-all of it and storing its part (kernel.LONG_ROW_BLOCKS). Reductions over leading axes: a
-thread per output.
+threads; where there are fewer of them than SMs, a thread block cluster of several blocks
+takes each row, each block loading and storing its own part and the blocks' partial results
+meeting through each other's shared memory (kernel.LONG_ROW_BLOCKS, cluster.py). Reductions
+over leading axes: a thread per output.
 Every float constant is typed (np.float32(...)), so float32 kernels compile to float32 PTX."""
 from __future__ import annotations
 
@@ -76,6 +77,11 @@ def _store(d, v):
     return f"_bf16_bits({v})" if d is dt.bf16 else v
 
 
+def cluster_blocks(desc: Described) -> int:
+    """Blocks per thread block cluster this kernel is launched with (1: no cluster)."""
+    return desc.row_parts if block_per_row(desc) else 1
+
+
 def jit_line(desc: Described, block: int) -> str:
     """The decorator line, noting the threads each block is launched with: ptx.kernel_ptx
     compiles with those launch bounds, so a 1024-thread block's kernel fits its registers
@@ -127,13 +133,13 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
     if not T:
         raise ValueError(f"{name} was described for the CPU; describe(kernel, block) for the GPU")
     rpb = rows_per_block(desc, block)
-    slots = -(-n // T)
+    P = desc.row_parts
+    slots = -(-(-(-n // T)) // P)   # this block's: the row's slots, split among its P blocks
     inames = {d: f"ri{d}" for d in desc.inner_dims}
     ind = "    "
     out = [jit_line(desc, block), f"def {name}({', '.join(p[0] for p in desc.params)}):",
            ind + "tid = cuda.threadIdx.x"]
-    P = desc.row_parts
-    if P > 1:   # P blocks a row: each reduces all of it and stores its part (rpb is 1)
+    if P > 1:   # a cluster of P blocks a row (rpb is 1); block `part` takes slots part * slots ...
         out += [ind + f"o = cuda.blockIdx.x // {P}", ind + f"part = cuda.blockIdx.x % {P}", ind + "lane = tid"]
     elif rpb == 1:
         out += [ind + "o = cuda.blockIdx.x", ind + "lane = tid"]
@@ -149,8 +155,9 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
         out.append(ind + f"{arr} = cuda.local.array({slots}, {NUMBA_TYPE[d]})")
 
     def strided(body, tail, guard=""):
-        lines = [ind + f"for j in range({slots}):", ind + f"    r = lane + j * {T}"]
-        cond = " and ".join(c for c in ([f"r < {n}"] if n % T else []) + ([guard] if guard else []))
+        first = f"(part * {slots} + j)" if P > 1 else "j"
+        lines = [ind + f"for j in range({slots}):", ind + f"    r = lane + {first} * {T}"]
+        cond = " and ".join(c for c in ([f"r < {n}"] if n != P * slots * T else []) + ([guard] if guard else []))
         pre = ind + "    "
         if cond:
             lines.append(pre + f"if {cond}:")
@@ -159,7 +166,9 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
         lines += [pre + l for l in body.lines]
         return lines + [pre + t for t in tail]
 
-    for step in row_steps(desc):
+    steps = row_steps(desc)
+    stages = [s for s in steps if isinstance(s, list)]
+    for step in steps:
         if not isinstance(step, list):
             out.append(ind + step)
             continue
@@ -171,7 +180,7 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
             for acc, op, *_ in reds:
                 out += [ind + f"t_{acc} = _shfl_xor({acc}, {m})", ind + f"{acc} = {_combine(op, acc, f't_{acc}')}"]
             m //= 2
-        if T > 32:   # one slot per warp; every thread then combines its row's warps
+        if T > 32:   # one slot per warp; every thread then combines its row's warps (P > 1: its block's)
             warps = T // 32
             first = "0" if rpb == 1 else f"(tid // {T}) * {warps}"
             for acc, _, d, *_ in reds:
@@ -182,18 +191,43 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
                 out += [ind + f"{acc} = sm_{acc}[w0]",
                         ind + f"for w in range(1, {warps}):", ind + f"    t_{acc} = sm_{acc}[w0 + w]",
                         ind + f"    {acc} = {_combine(op, acc, f't_{acc}')}"]
+        if P > 1:
+            out += _cluster_combine(reds, P, last=step is stages[-1])
         out += [ind + l for l in results]
     ok = "valid" if ragged else ""
-    if P > 1:
-        ok = f"j * {P} // {slots} == part"   # this block's slots (constants once unrolled)
     for param, idx, val, d in desc.row_stores:
         cond = "lane == 0" + (" and valid" if ragged else "") + (" and part == 0" if P > 1 else "")
         out += [ind + f"if {cond}:", ind + f"    {param}[{idx}] = {_store(d, val)}"]
     if desc.full_store is not None:
         body, idx, vals = desc.full_store
         out += strided(body, [f"{param}[{idx}] = {_store(d, val)}" for param, val, d in vals], ok)
+    if P > 1:   # no block leaves while another may still read its shared memory
+        out.append(ind + "cluster_wait()")
     return "\n".join(drop_unused(out)) + "\n"
 
 
+def _cluster_combine(reds, P, last):
+    """Lines after a stage's block reduction of a row on P blocks: thread 0 of each block
+    posts its partial results in shared memory; after the cluster barrier every thread reads
+    all P of them in block order, so every block combines the same values in the same order
+    (the same bits). Each stage posts to arrays of its own, and a block passes the next
+    stage's barrier only when every block has read this stage's: only leaving needs a
+    barrier again. So after the last stage's reads a thread arrives, and waits at the
+    kernel's end (cluster_wait), storing its part meanwhile."""
+    ind = "    "
+    out = [ind + f"cx_{acc} = cuda.shared.array(1, {NUMBA_TYPE[d]})" for acc, _, d, *_ in reds]
+    out += [ind + "if tid == 0:"] + [ind + f"    cx_{acc}[0] = {acc}" for acc, *_ in reds]
+    out.append(ind + "cluster_sync()")
+    for acc, op, *_ in reds:
+        out.append(ind + f"{acc} = cluster_load(cx_{acc}, 0, 0)")
+        for q in range(1, P):
+            out += [ind + f"t_{acc} = cluster_load(cx_{acc}, 0, {q})", ind + f"{acc} = {_combine(op, acc, f't_{acc}')}"]
+    return out + ([ind + "cluster_arrive()"] if last else [])
+
+
+CLUSTER_IMPORT = "from flame.codegen.cluster import cluster_arrive, cluster_load, cluster_sync, cluster_wait\n"
+
+
 def module_source(desc: Described, name: str, block: int = 256) -> str:
-    return PRELUDE + "\n" + render(desc, name, block)
+    extra = CLUSTER_IMPORT if cluster_blocks(desc) > 1 else ""
+    return PRELUDE + extra + "\n" + render(desc, name, block)

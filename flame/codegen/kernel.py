@@ -123,15 +123,14 @@ class Described:
     row_cache: dict = field(default_factory=dict)     # rc_* local array -> dtype (GPU rows)
     cache_slots: int = 0
     row_threads: int = 0    # GPU threads that share one row (0: not a block-per-row kernel)
-    row_parts: int = 1      # GPU blocks per row, each storing a part of it (see LONG_ROW_BLOCKS)
+    row_parts: int = 1      # GPU blocks per row, one thread block cluster (see LONG_ROW_BLOCKS)
 
     def in_place_candidates(self) -> list:
         """Buffers this kernel reads only at the index it writes: the output may overwrite
         them (each element is read before it is written, by the same thread)."""
         if self.kernel.extra:
             return []    # several outputs: keep it simple, none written in place
-        if self.row_parts > 1:
-            return []    # another block still reads the row this one writes
+        # (a row on several blocks qualifies too: each block reads only its own part of it)
         idx = self.row_stores[0][1] if self.row_stores else self.full_store[1]
         out = self.kernel.root
         return [nid for nid, exprs in self.loads.items()
@@ -139,11 +138,12 @@ class Described:
 
 
 class Describer:
-    def __init__(self, kernel: Kernel, row_block: int = 0, prefetch: dict = None):
+    def __init__(self, kernel: Kernel, row_block: int = 0, prefetch: dict = None, long_row_parts: int = 1):
         """row_block: at most this many GPU threads share a row (0: the CPU renderer); see
-        row_threads. When each thread has at most ROW_CACHE_SLOTS elements of its row, it
-        keeps those it loads in registers (rc_* local arrays), so later passes over the row
-        (variance after mean, normalise after both) do not read memory again.
+        row_threads. long_row_parts: at most this many blocks (a cluster) share a long row.
+        When each thread has at most ROW_CACHE_SLOTS elements of its row, it keeps those it
+        loads in registers (rc_* local arrays), so later passes over the row (variance after
+        mean, normalise after both) do not read memory again.
         prefetch: node id -> node, of row elements to load into registers in the first
         pass although a later pass reads them first (see describe())."""
         self.k = kernel
@@ -166,14 +166,17 @@ class Describer:
         self.row_threads = row_threads(n_inner, row_block) if rows and row_block else 0
         slots = -(-n_inner // self.row_threads) if self.row_threads else 0
         most, self.cache_arrays, self.row_parts = ROW_CACHE_SLOTS, 1 << 30, 1
-        if slots > ROW_CACHE_SLOTS and n_inner <= LONG_ROW_THREADS * LONG_ROW_SLOTS:
-            # a long row (a group_norm group) is held by one block of the most threads
-            self.row_threads, most = LONG_ROW_THREADS, LONG_ROW_SLOTS
-            slots = -(-n_inner // LONG_ROW_THREADS)
-            self.cache_arrays = LONG_ROW_SLOTS // slots   # within its 64 registers a thread
-            n_outer = math.prod(full[d] for d in self.outer_dims)
-            self.row_parts = max(1, min(LONG_ROW_PARTS, LONG_ROW_BLOCKS // n_outer))
-        self.cache_slots = slots if 1 <= slots <= most else 0
+        n_outer = math.prod(full[d] for d in self.outer_dims)
+        parts = max(1, min(long_row_parts, LONG_ROW_BLOCKS // n_outer))
+        part_slots = -(-(-(-n_inner // LONG_ROW_THREADS)) // parts)   # a block's, of a long row
+        if slots > ROW_CACHE_SLOTS and part_slots <= LONG_ROW_SLOTS:
+            # a long row (a group_norm group) is held by one block of the most threads, or by
+            # a cluster of `parts` of them, each holding its part
+            self.row_threads, most, self.row_parts = LONG_ROW_THREADS, LONG_ROW_SLOTS, parts
+            slots = part_slots
+            # within its 64 registers a thread holds LONG_ROW_SLOTS elements
+            self.cache_arrays = LONG_ROW_SLOTS // slots
+        self.cache_slots = slots if 1 <= slots <= most else 0   # a thread's, in its block's part
         self.cached = {}     # node id -> (local array name, dtype)
         # (coords, shape) -> a simpler expression of lin(coords, shape): the loop's own flat
         # index where the coordinates are the iteration space's, and the flat index a
@@ -520,8 +523,9 @@ ROW_CACHE_SLOTS = 16
 LONG_ROW_THREADS = 1024
 LONG_ROW_SLOTS = 48
 # Fewer long rows than an H100's (and H200's) 132 SMs leave SMs idle (64 groups of SD 1.5's
-# group_norm at batch 2): up to LONG_ROW_PARTS blocks then take each row, every one reading
-# the whole row for its statistics (the second read an L2 hit) and storing its part.
+# group_norm at batch 2): up to LONG_ROW_PARTS blocks then take each row, launched as one
+# thread block cluster (sm_90). Each reads and stores only its part of the row; the blocks
+# combine their partial sums through each other's shared memory (cluster.py).
 LONG_ROW_BLOCKS = 132
 LONG_ROW_PARTS = 4
 ROW_ELEMENTS = 8    # elements of a row per GPU thread to aim for: loads in flight, short reductions
@@ -540,16 +544,25 @@ def row_threads(n_inner: int, block: int) -> int:
 ROW_PREFETCH = True
 
 
-def describe(kernel: Kernel, row_block: int = 0) -> Described:
+def describe(kernel: Kernel, row_block: int = 0, long_row_parts: int = 1) -> Described:
     """The kernel's description. A GPU row kernel whose later passes first load row elements
     it keeps in registers (a softmax backward's upstream gradient, read after the max and
     the sum) is described again with those loads in the first pass: all of a row's loads are
-    then in flight together, not one batch after each barrier."""
-    d = Describer(kernel, row_block)
+    then in flight together, not one batch after each barrier. long_row_parts: see
+    Describer; a row whose reductions have a type the blocks cannot exchange (booleans) stays
+    on one block."""
+    d = Describer(kernel, row_block, long_row_parts=long_row_parts)
     desc = d.describe()
+    if desc.row_parts > 1 and any(r[2].name not in EXCHANGED for r in desc.reductions):
+        return describe(kernel, row_block, 1)
     if ROW_PREFETCH and d.late_loads:
-        return Describer(kernel, row_block, prefetch=d.late_loads).describe()
+        return Describer(kernel, row_block, prefetch=d.late_loads, long_row_parts=long_row_parts).describe()
     return desc
+
+
+# accumulator dtypes whose partial results the blocks of a cluster exchange (the types
+# cluster.cluster_load reads; bf16 accumulates in float32)
+EXCHANGED = ("f32", "f64", "i32", "i64", "bf16")
 
 
 def div_mod(total: int):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..ir.graph import Graph
 from ..runtime import arena
 from .fusion import fuse
+from . import kernel as kernel_desc
 from .kernel import describe
 from .split import split_reductions
 
@@ -38,11 +39,15 @@ class Schedule:
         return cpu.PRELUDE if self.target == "cpu" else cuda.PRELUDE
 
 
-def make_schedule(graph: Graph, target: str = "cpu", block: int = 256) -> Schedule:
+def make_schedule(graph: Graph, target: str = "cpu", block: int = 256, clusters: bool = True) -> Schedule:
+    """clusters: the GPU runs thread block clusters (sm_90 and newer), so a few long rows may
+    each take several blocks (kernel.LONG_ROW_PARTS). Never in the simulator, which runs one
+    block at a time."""
     graph = split_reductions(graph, long_rows=target != "cpu")
     kernels = fuse(graph)
     row_block = block if target != "cpu" else 0
-    descs = {k.root.id: describe(k, row_block) for k in kernels
+    parts = kernel_desc.LONG_ROW_PARTS if target == "cuda" and clusters else 1
+    descs = {k.root.id: describe(k, row_block, parts) for k in kernels
              if k.kind != "L" and arena.alias_of(k) is None}
     plan = arena.plan_graph(graph, kernels, {r: d.in_place_candidates() for r, d in descs.items()})
     return Schedule(graph, kernels, descs, plan, target, block)

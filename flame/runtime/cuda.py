@@ -60,7 +60,8 @@ class CudaRunner:
             cc = self.dev.compute_capability
             self.cc = (cc[0], cc[1])
         self.arch = f"sm_{self.cc[0]}{self.cc[1]}"
-        sched = make_schedule(graph, "cuda", block)
+        # thread block clusters (several blocks a long row) from sm_90 (H100) on
+        sched = make_schedule(graph, "cuda", block, clusters=self.cc >= (9, 0))
         self.schedule = sched
         self.graph, self.kernels, self.plan, self.descs = sched.graph, sched.kernels, sched.plan, sched.descs
         self.nodes = {n.id: n for n in self.graph.all_nodes()}
@@ -129,9 +130,14 @@ class CudaRunner:
             self._modules[cubin] = ObjectCode.from_cubin(cubin).get_kernel(entry)
         return self._modules[cubin]
 
-    def _launcher(self, kern, grid, block, ptrs):
+    def _launcher(self, kern, grid, block, ptrs, cluster=1):
+        """grid: blocks; cluster > 1: launched as grid // cluster clusters of that many blocks
+        (cuda.core counts a clustered grid in clusters)."""
         from cuda.core import LaunchConfig, launch
-        cfg = LaunchConfig(grid=grid, block=block)
+        if cluster > 1:
+            cfg = LaunchConfig(grid=grid // cluster, cluster=cluster, block=block)
+        else:
+            cfg = LaunchConfig(grid=grid, block=block)
         args = [np.uint64(p) for p in ptrs]
 
         def run(stream):
@@ -157,7 +163,8 @@ class CudaRunner:
             src = self.schedule.source(k)
             kern = self._compile(k.name, src, [p[1].dtype for p in d.params])
             grid, blk = cuda_render.launch_dims(d, self.block)
-            return self._launcher(kern, grid, blk, [self.ptr(p[1].id) for p in d.params]), 1
+            return self._launcher(kern, grid, blk, [self.ptr(p[1].id) for p in d.params],
+                                  cuda_render.cluster_blocks(d)), 1
         n = k.root
         if n.op == "matmul":
             return self._matmul(n)
