@@ -267,8 +267,9 @@ def test_kernels_index_by_their_flat_loop_index_and_divide_unsigned():
 
 def test_independent_reductions_of_a_row_share_one_pass_and_one_barrier():
     """softmax's backward sum and the loss's partial sum read only the forward's max and sum:
-    one loop over the row and one barrier for both (3 barriers, not 4); a group_norm's two
-    moments likewise (1 barrier, x loaded once)."""
+    one loop over the row and one barrier for both (3 barriers, not 4). layer_norm's
+    backward: its three sums share the pass after the moments (3 barriers for 5 sums), the
+    term of the variance's gradient through the mean being zero (passes.zero_centred_sums)."""
     w = rng.standard_normal((64, 4096)).astype(np.float32)
     src = _kernel_source(flame.value_and_grad(lambda x: (F.softmax(x, dim=-1) * flame.const(w)).sum()), (64, 4096))
     (row,) = [s for s in src.values() if "math.exp" in s]
@@ -276,7 +277,7 @@ def test_independent_reductions_of_a_row_share_one_pass_and_one_barrier():
     w = rng.standard_normal((1024, 768)).astype(np.float32)
     src = _kernel_source(flame.value_and_grad(lambda x: (F.layer_norm(x, (768,)) * flame.const(w)).sum()), (1024, 768))
     (row,) = [s for s in src.values() if "rsqrt" in s or "sqrt" in s]
-    assert len(re.findall(r"red\d+ = acc", row)) == 5 and row.count("cuda.syncthreads()") == 4, row
+    assert len(re.findall(r"red\d+ = acc", row)) == 5 and row.count("cuda.syncthreads()") == 3, row
 
 
 @pytest.mark.parametrize("prefetch", [True, False])

@@ -246,6 +246,57 @@ def test_constant_fold_leaves_growth_random_and_big_results_alone():
 # ---------------------------------------------------------------- optimize and backward graphs
 
 
+# ---------------------------------------------------------------- centred sums
+
+
+def _centred(x, axes=2):
+    return x - x.mean(axes, keepdim=True)
+
+
+CENTRED = [  # name, fn, live sums before and after zero_centred_sums (+ dce)
+    ("c * (x - mean) over its axes", lambda x: (_centred(x) * x.amax(2, keepdim=True)).sum(2), 2, 0),
+    ("-(d + d') over two axes", lambda x: (-(_centred(x, (1, 2)) + _centred(x, (1, 2)))).sum((1, 2)), 3, 0),
+    ("the other terms stay", lambda x: (x.exp() - _centred(x) * 2.0 + x * x).sum(2), 2, 1),
+    ("summed over other axes stays", lambda x: _centred(x).sum(1), 2, 2),
+    ("a coefficient varying along the axes stays", lambda x: (_centred(x) * x).sum(2), 2, 2),
+    ("x minus its sum stays", lambda x: (x - x.sum(2, keepdim=True)).sum(2), 2, 2),
+]
+
+
+@pytest.mark.parametrize("name, fn, before, after", CENTRED, ids=[c[0] for c in CENTRED])
+def test_sums_of_centred_values_are_zero(name, fn, before, after):
+    g = flame.trace(fn, X)
+    out = P.dce(P.zero_centred_sums(g))
+    assert live_ops(g)["sum"] == before and live_ops(out)["sum"] == after, flame.dump(out)
+    f = feeds(g)
+    for a, b in zip(run_graph(g, f), run_graph(out, f)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)   # a's centred sums: ~1e-7, not 0
+    assert all(n.loc for n in out.nodes)
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "group_norm"])
+def test_norm_backward_loses_the_variance_gradient_through_the_mean(norm):
+    """The gradient equals the one computed with that zero sum, and the backward's row
+    kernel makes one pass over its rows less (3 stages of reductions, not 4)."""
+    import flame.nn.functional as F
+    from flame.codegen.kernel import row_steps
+    shape = (64, 768) if norm == "layer_norm" else (2, 64, 16, 16)   # rows the loss sum joins
+    w = rng.standard_normal(shape).astype(np.float32)
+    f = (lambda x: F.layer_norm(x, (768,))) if norm == "layer_norm" else (lambda x: F.group_norm(x, 32))
+    fn = flame.value_and_grad(lambda x: (f(x) * flame.const(w)).sum())
+    g = flame.trace(fn, flame.spec(shape))
+    others = [p for p in P.DEFAULT_PASSES if p is not P.zero_centred_sums]
+    feed = feeds(g)
+    for a, b in zip(run_graph(P.optimize(g, others), feed), run_graph(P.optimize(g), feed)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+    def stages(passes):
+        s = flame.plan(fn, flame.spec(shape), backend="cuda", passes=passes)
+        return max(sum(isinstance(st, list) for st in row_steps(d)) for d in s.descs.values())
+    assert (stages(others), stages(None)) == (4, 3)
+
+
 def test_optimize_runs_each_pass_in_order():
     seen = []
     g = flame.trace(lambda x: (x * 1.0).reshape(6, 4).reshape(24), X)

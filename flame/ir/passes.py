@@ -126,7 +126,98 @@ def simplify(graph: Graph) -> Graph:
     return _rewrite(graph, visit)
 
 
-DEFAULT_PASSES = (simplify, constant_fold, cse, simplify, dce)
+# ---------------------------------------------------------------- sums of centred values
+
+
+def _strip_expand(n: Node) -> Node:
+    return n.inputs[0] if n.op == "expand" else n
+
+
+def _mean_axes(m: Node, x: Node):
+    """The axes when m is sum(x, axes, keepdims) * (1 / count), as Tensor.mean builds it."""
+    m = _strip_expand(m)
+    if m.op != "mul":
+        return None
+    for s, c in (m.inputs, m.inputs[::-1]):
+        if s.op == "sum" and s.inputs[0] is x and s.attrs["axes"] and s.attrs["keepdims"] \
+                and c.op == "const" and c.size == 1:
+            count = int(np.prod([x.shape[a] for a in s.attrs["axes"]]))
+            if np.isclose(float(np.asarray(c.attrs["value"]).reshape(())), 1.0 / count, rtol=1e-6, atol=0):
+                return tuple(s.attrs["axes"])
+    return None
+
+
+def _centred_axes(n: Node):
+    """The axes when n is x - mean(x, axes)."""
+    return _mean_axes(n.inputs[1], n.inputs[0]) if n.op == "sub" and n.inputs[0].shape == n.shape else None
+
+
+def _constant_along(n: Node, rank: int, axes: tuple) -> bool:
+    """n, broadcast to rank dimensions, has one value along each of `axes`."""
+    n = _strip_expand(n)
+    shape = (1,) * (rank - n.ndim) + tuple(n.shape)
+    return all(shape[a] == 1 for a in axes)
+
+
+def _linear_in_centred(n: Node, shape: tuple, axes: tuple, memo: dict) -> bool:
+    """n is a sum of terms c * (x - mean(x, axes)) with every c constant along axes."""
+    if n.id in memo:
+        return memo[n.id]
+    ok = False
+    if n.shape == shape:
+        a = n.inputs
+        if n.op == "sub" and _centred_axes(n) == axes:
+            ok = True
+        elif n.op == "neg":
+            ok = _linear_in_centred(a[0], shape, axes, memo)
+        elif n.op in ("add", "sub"):
+            ok = all(_linear_in_centred(i, shape, axes, memo) for i in a)
+        elif n.op == "mul":
+            ok = any(_linear_in_centred(a[i], shape, axes, memo) and _constant_along(a[1 - i], len(shape), axes)
+                     for i in (0, 1))
+    memo[n.id] = ok
+    return ok
+
+
+def _terms(n: Node, shape: tuple, sign: int = 1) -> list:
+    """n as a signed sum of terms [(node, +1 | -1)], through add, sub and neg of its shape."""
+    if n.shape == shape and n.op == "add":
+        return _terms(n.inputs[0], shape, sign) + _terms(n.inputs[1], shape, sign)
+    if n.shape == shape and n.op == "sub" and _centred_axes(n) is None:
+        return _terms(n.inputs[0], shape, sign) + _terms(n.inputs[1], shape, -sign)
+    if n.shape == shape and n.op == "neg":
+        return _terms(n.inputs[0], shape, -sign)
+    return [(n, sign)]
+
+
+def zero_centred_sums(graph: Graph) -> Graph:
+    """sum(c * (x - mean(x, axes)), axes) is zero when c is constant along the axes (the
+    centred values sum to zero). A sum over such terms and others keeps only the others:
+    the variance's gradient through the mean in layer_norm's and group_norm's backward is
+    such a term, and with it gone group_norm's backward makes one pass over its rows less."""
+    def visit(n, emit):
+        if n.op != "sum" or not n.attrs["axes"] or not n.dtype.is_float:
+            return n
+        x, axes, memo = n.inputs[0], tuple(n.attrs["axes"]), {}
+        terms = _terms(x, x.shape)
+        keep = [(t, sign) for t, sign in terms if not _linear_in_centred(t, x.shape, axes, memo)]
+        if len(keep) == len(terms):
+            return n
+        if not keep:
+            if n.size <= FOLD_LIMIT:
+                return emit("const", (), {"value": np.zeros(n.shape, n.dtype.np), "dtype": n.dtype}, n)
+            zero = emit("const", (), {"value": np.zeros((), n.dtype.np), "dtype": n.dtype}, n)
+            return emit("expand", (zero,), {"shape": n.shape}, n)
+        acc, sign = keep[0]
+        for t, s in keep[1:]:
+            acc = emit("add" if s == sign else "sub", (acc, t), {}, n)
+        if sign < 0:
+            acc = emit("neg", (acc,), {}, n)
+        return emit("sum", (acc,), n.attrs, n)
+    return _rewrite(graph, visit)
+
+
+DEFAULT_PASSES = (simplify, zero_centred_sums, constant_fold, cse, simplify, dce)
 
 
 def optimize(graph: Graph, passes=None, after_each=None) -> Graph:
