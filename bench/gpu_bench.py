@@ -196,7 +196,7 @@ def bench_long_rows():
              ("group_norm fwd", lambda x: F.group_norm(x, 32), 8),
              ("group_norm fwd+bwd", flame.value_and_grad(lambda x: (F.group_norm(x, 32) * flame.const(w)).sum()), 12)]
     keep = kd.LONG_ROW_THREADS, kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS
-    for threads, parts, blocks in ((1024, 1, 132), (1024, 2, 132), (1024, 4, 264), (512, 4, 264), (512, 8, 528)):
+    for threads, parts, blocks in ((1024, 1, 132), (1024, 2, 132), (1024, 4, 264), (512, 4, 264)):
         kd.LONG_ROW_THREADS, kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS = threads, parts, blocks
         for name, fn, per in cases:
             fr = flame_runner(fn, x)

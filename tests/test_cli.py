@@ -194,7 +194,7 @@ def test_no_opt_prints_the_graph_as_traced(capsys, user_file):
     (["model.py:f", "--arg", "x:f32[2,4]"], "f needs --arg w:"),
     (["model.py:f", "--arg", "x:f32[2,4]", "--arg", "w:f32[4,3]", "--grad"], "pass --loss sum or --loss mean"),
     (["model.py:f", "--arg", "x:f32[2,4]", "--arg", "w:f32[4,3]", "--passes", "cse,fuse"],
-     "unknown pass 'fuse'; valid passes are: simplify, constant_fold, cse, dce"),
+     "unknown pass 'fuse'; valid passes are: simplify, zero_centred_sums, constant_fold, cse, dce"),
     (["missing.py:f", "--arg", "x:f32[2]"], "missing.py: no such file"),
     (["model.py:g", "--arg", "x:f32[2]"], "model.py defines no 'g'"),
     (["model.py", "--arg", "x:f32[2]"], "expected FILE.py:NAME"),
