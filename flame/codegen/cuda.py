@@ -134,12 +134,13 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
         raise ValueError(f"{name} was described for the CPU; describe(kernel, block) for the GPU")
     rpb = rows_per_block(desc, block)
     P = desc.row_parts
-    slots = -(-(-(-n // T)) // P)   # this block's: the row's slots, split among its P blocks
+    row_slots = -(-n // T)
+    slots = -(-row_slots // P)   # this block's: the row's slots split among its P blocks
     inames = {d: f"ri{d}" for d in desc.inner_dims}
     ind = "    "
     out = [jit_line(desc, block), f"def {name}({', '.join(p[0] for p in desc.params)}):",
            ind + "tid = cuda.threadIdx.x"]
-    if P > 1:   # a cluster of P blocks a row (rpb is 1); block `part` takes slots part * slots ...
+    if P > 1:   # a cluster of P blocks a row (rpb is 1), block `part` its slots from part * slots
         out += [ind + f"o = cuda.blockIdx.x // {P}", ind + f"part = cuda.blockIdx.x % {P}", ind + "lane = tid"]
     elif rpb == 1:
         out += [ind + "o = cuda.blockIdx.x", ind + "lane = tid"]
@@ -201,7 +202,7 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
     if desc.full_store is not None:
         body, idx, vals = desc.full_store
         out += strided(body, [f"{param}[{idx}] = {_store(d, val)}" for param, val, d in vals], ok)
-    if P > 1:   # no block leaves while another may still read its shared memory
+    if P > 1 and stages:   # no block leaves while another may still read its shared memory
         out.append(ind + "cluster_wait()")
     return "\n".join(drop_unused(out)) + "\n"
 
