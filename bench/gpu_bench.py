@@ -186,8 +186,8 @@ def bench_long_rows():
     n = int(np.prod(shape))
     x = rnd(*shape)
     tx = torch.from_numpy(x).cuda()
-    row("long rows: torch clone 2x320x64x64", median_ms_torch(lambda: tx.clone()), float("nan"), bytes_=8 * n,
-        note=roofline(8 * n, median_ms_torch(lambda: tx.clone())))
+    ms = median_ms_torch(lambda: tx.clone())
+    row("long rows: torch clone 2x320x64x64", ms, float("nan"), bytes_=8 * n, note=roofline(8 * n, ms))
     fr = flame_runner(lambda x: x * 2.0 + 1.0, x)
     ms = median_ms_flame(fr)
     row("long rows: x * 2 + 1", ms, float("nan"), bytes_=8 * n, note=roofline(8 * n, ms))
