@@ -249,7 +249,8 @@ def test_group_norm_at_sd_size_is_one_row_kernel_holding_each_group_in_registers
     assert d.row_parts == 2 and cr.launch_dims(d, 256) == (128, 1024) and cr.cluster_blocks(d) == 2
     src = s.source(runs[0], False)
     assert "r = lane + (part * 20 + j) * 1024" in src and "cuda.local.array(20," in src
-    assert src.count("cluster_sync()") == 2 and src.rstrip().endswith("cluster_wait()")
+    # the mean and the squared deviations from it meet in one exchange (Chan's formula)
+    assert src.count("cluster_sync()") == 1 and src.rstrip().endswith("cluster_wait()")
 
 
 @pytest.mark.parametrize("parts", [4, 1])

@@ -5,13 +5,17 @@ loads of all of them in flight at once), adjacent threads adjacent elements. Row
 (the last axis reduced): a row is shared by a power of two of threads (row_threads: about
 eight elements each, so short rows put several rows in a block); each thread keeps the row
 elements it loads in registers, partial results meet through warp shuffles and, across
-warps, one shared-memory slot per warp. Long rows (up to 49152 elements) take a block of 1024
+warps, one shared-memory slot per warp read back into a shuffle butterfly. A row's mean and
+its squared deviations from it (a norm's variance) meet in one exchange, by Chan's pairwise
+formula (one_pass_moments), not one after the other. Long rows (up to 49152 elements) take a block of 1024
 threads; where there are fewer of them than SMs, a thread block cluster of several blocks
 takes each row, each block loading and storing its own part and the blocks' partial results
 meeting through each other's shared memory (kernel.LONG_ROW_BLOCKS, cluster.py). Reductions
 over leading axes: a thread per output.
 Every float constant is typed (np.float32(...)), so float32 kernels compile to float32 PTX."""
 from __future__ import annotations
+
+import math
 
 from ..ir import dtypes as dt
 from .kernel import Described, drop_unused, literal, row_steps, unravel
@@ -133,9 +137,7 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
     if not T:
         raise ValueError(f"{name} was described for the CPU; describe(kernel, block) for the GPU")
     rpb = rows_per_block(desc, block)
-    P = desc.row_parts
-    row_slots = -(-n // T)
-    slots = -(-row_slots // P)   # this block's: the row's slots split among its P blocks
+    P, slots = desc.row_parts, block_slots(desc)
     inames = {d: f"ri{d}" for d in desc.inner_dims}
     ind = "    "
     out = [jit_line(desc, block), f"def {name}({', '.join(p[0] for p in desc.params)}):",
@@ -169,31 +171,34 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
 
     steps = row_steps(desc)
     stages = [s for s in steps if isinstance(s, list)]
-    for step in steps:
+    merged = one_pass_moments(desc, steps)
+    skip = set()
+    for at, step in enumerate(steps):
+        if at in skip:
+            continue
         if not isinstance(step, list):
             out.append(ind + step)
             continue
         reds = [desc.reductions[i] for i in step]   # one stage: one loop, one barrier
         inits, updates, results = _stage(reds)
         out += [ind + l for l in inits] + strided(reds[0][3], updates)
-        m = min(T, 32) // 2
-        while m:   # butterfly within the warp: every lane ends with the whole sum
-            for acc, op, *_ in reds:
-                out += [ind + f"t_{acc} = _shfl_xor({acc}, {m})", ind + f"{acc} = {_combine(op, acc, f't_{acc}')}"]
-            m //= 2
-        if T > 32:   # one slot per warp; every thread then combines its row's warps (P > 1: its block's)
-            warps = T // 32
-            first = "0" if rpb == 1 else f"(tid // {T}) * {warps}"
-            for acc, _, d, *_ in reds:
-                out += [ind + f"sm_{acc} = cuda.shared.array({rpb * warps}, {NUMBA_TYPE[d]})"]
-            out += [ind + "if tid % 32 == 0:"] + [ind + f"    sm_{acc}[tid // 32] = {acc}" for acc, *_ in reds]
-            out += [ind + "cuda.syncthreads()", ind + f"w0 = {first}"]
-            for acc, op, *_ in reds:
-                out += [ind + f"{acc} = sm_{acc}[w0]",
-                        ind + f"for w in range(1, {warps}):", ind + f"    t_{acc} = sm_{acc}[w0 + w]",
-                        ind + f"    {acc} = {_combine(op, acc, f't_{acc}')}"]
+        pairs, last = {}, step is stages[-1]
+        if at in merged:
+            # the next stage sums squared deviations from this one's mean: each thread takes
+            # them from its own elements' mean (the sum's result scaled so that the lines
+            # between compute it), and the partial (sum, deviations) combine by Chan's formula
+            b, i, q = merged[at]
+            between = steps[at + 1:b]
+            qred = desc.reductions[q]
+            q_inits, q_updates, q_results = _stage([qred])
+            s_acc, s_res, d = desc.reductions[i][0], desc.reductions[i][5], desc.reductions[i][2]
+            out += [ind + l for l in [f"{s_res} = {s_acc} * {literal(P * T, d)}"] + between + q_inits]
+            out += strided(qred[3], q_updates)
+            reds, pairs, last = reds + [qred], {qred[0]: s_acc}, steps[b] is stages[-1]
+            results, skip = results + between + q_results, set(range(at + 1, b + 1))
+        out += [ind + l for l in _combine_row(reds, pairs, T, rpb, P, slots)]
         if P > 1:
-            out += _cluster_combine(reds, P, last=step is stages[-1])
+            out += _cluster_combine(reds, pairs, P, T * slots, last)
         out += [ind + l for l in results]
     ok = "valid" if ragged else ""
     for param, idx, val, d in desc.row_stores:
@@ -207,7 +212,77 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
     return "\n".join(drop_unused(out)) + "\n"
 
 
-def _cluster_combine(reds, P, last):
+def block_slots(desc: Described) -> int:
+    """Elements of a row each thread takes (at most): the row's slots split among its P blocks."""
+    return -(-(-(-desc.n_inner // desc.row_threads)) // desc.row_parts)
+
+
+def one_pass_moments(desc: Described, steps) -> dict:
+    """{index in steps of a stage: (index of the next stage, sum's reduction, deviations')}
+    where the next stage is one reduction summing squared deviations from a sum's mean in
+    this stage (desc.deviations), and nothing between reads any other result: both then take
+    one pass and one exchange. Only where every thread holds as many of the row's elements
+    as every other (Chan's formula with constant counts); otherwise two passes."""
+    out = {}
+    if desc.n_inner != desc.row_threads * desc.row_parts * block_slots(desc):
+        return out
+    where = {i: at for at, st in enumerate(steps) if isinstance(st, list) for i in st}
+    for q, i in desc.deviations.items():
+        a, b = where[i], where[q]
+        if steps[b] == [q] and b > a and not any(isinstance(st, list) for st in steps[a + 1:b]) and \
+                a not in out:
+            out[a] = (b, i, q)
+    return out
+
+
+def row_exchanges(desc: Described) -> int:
+    """Times the threads of a row (the blocks of its cluster) exchange partial results."""
+    steps = row_steps(desc)
+    return sum(isinstance(st, list) for st in steps) - len(one_pass_moments(desc, steps))
+
+
+def _join(reds, pairs, partner, na, nb):
+    """Lines combining each accumulator with partner(acc), the same accumulator over another
+    nb elements (this one covers na). pairs: deviations acc -> its sum's acc, combined by
+    Chan's formula: q = qa + qb + (sa nb - sb na)^2 / (na nb (na + nb)). With na == nb the
+    two sides compute the same bits (a butterfly's lanes agree)."""
+    g = math.gcd(na, nb)
+    lines = [f"t_{acc} = {partner(acc)}" for acc, *_ in reds]
+    for acc, _, d, *_ in reds:   # before the sums move on: the deviations read both sides' sums
+        if acc in pairs:
+            sa, ra, rb = pairs[acc], nb // g, na // g
+            diff = (sa if ra == 1 else f"{sa} * {literal(ra, d)}") + " - " + \
+                   (f"t_{sa}" if rb == 1 else f"t_{sa} * {literal(rb, d)}")
+            k = literal(g * g / (na * nb * (na + nb)), d)
+            lines += [f"dq_{acc} = {diff}", f"{acc} = ({acc} + t_{acc}) + dq_{acc} * dq_{acc} * {k}"]
+    return lines + [f"{acc} = {_combine(op, acc, f't_{acc}')}" for acc, op, *_ in reds if acc not in pairs]
+
+
+def _combine_row(reds, pairs, T, rpb, P, slots):
+    """Lines after a stage's loop that leave every thread of a row (of its block's part) with
+    the row's results: a butterfly of warp shuffles, and where a row spans several warps,
+    one shared slot per warp and a butterfly over those."""
+    out, lanes, m = [], min(T, 32), min(T, 32) // 2
+    while m:   # each side of this step covers `slots` elements of (lanes / 2m) threads
+        out += _join(reds, pairs, lambda a: f"_shfl_xor({a}, {m})", slots * lanes // (2 * m), slots * lanes // (2 * m))
+        m //= 2
+    if T > 32:
+        warps = T // 32
+        first = "" if rpb == 1 else f"(tid // {T}) * {warps} + "
+        for acc, _, d, *_ in reds:
+            out += [f"sm_{acc} = cuda.shared.array({rpb * warps}, {NUMBA_TYPE[d]})"]
+        out += ["if tid % 32 == 0:"] + [f"    sm_{acc}[tid // 32] = {acc}" for acc, *_ in reds]
+        out += ["cuda.syncthreads()", f"w0 = {first}tid % {warps}"]
+        out += [f"{acc} = sm_{acc}[w0]" for acc, *_ in reds]
+        m = warps // 2
+        while m:
+            side = 32 * slots * warps // (2 * m)
+            out += _join(reds, pairs, lambda a: f"_shfl_xor({a}, {m})", side, side)
+            m //= 2
+    return out
+
+
+def _cluster_combine(reds, pairs, P, part_elems, last):
     """Lines after a stage's block reduction of a row on P blocks: thread 0 of each block
     posts its partial results in shared memory; after the cluster barrier every thread reads
     all P of them in block order, so every block combines the same values in the same order
@@ -219,10 +294,9 @@ def _cluster_combine(reds, P, last):
     out = [ind + f"cx_{acc} = cuda.shared.array(1, {NUMBA_TYPE[d]})" for acc, _, d, *_ in reds]
     out += [ind + "if tid == 0:"] + [ind + f"    cx_{acc}[0] = {acc}" for acc, *_ in reds]
     out.append(ind + "cluster_sync()")
-    for acc, op, *_ in reds:
-        out.append(ind + f"{acc} = cluster_load(cx_{acc}, 0, 0)")
-        for q in range(1, P):
-            out += [ind + f"t_{acc} = cluster_load(cx_{acc}, 0, {q})", ind + f"{acc} = {_combine(op, acc, f't_{acc}')}"]
+    out += [ind + f"{acc} = cluster_load(cx_{acc}, 0, 0)" for acc, *_ in reds]
+    for q in range(1, P):   # the first q parts' results, joined by part q's
+        out += [ind + l for l in _join(reds, pairs, lambda a: f"cluster_load(cx_{a}, 0, {q})", q * part_elems, part_elems)]
     return out + ([ind + "cluster_arrive()"] if last else [])
 
 

@@ -124,6 +124,9 @@ class Described:
     cache_slots: int = 0
     row_threads: int = 0    # GPU threads that share one row (0: not a block-per-row kernel)
     row_parts: int = 1      # GPU blocks per row, one thread block cluster (see LONG_ROW_BLOCKS)
+    # index of a reduction summing squared deviations from another's mean -> that one's index
+    # (see squared_deviations): the GPU renderer may take both in one pass over the row
+    deviations: dict = field(default_factory=dict)
 
     def in_place_candidates(self) -> list:
         """Buffers this kernel reads only at the index it writes: the output may overwrite
@@ -446,6 +449,7 @@ class Describer:
         # stage: one loop, and on the GPU one barrier): a softmax backward's two sums, a loss's
         # partial sum beside them. Values the stage's loop reads from the row level go before it.
         stage, stage_reds, stage_at = None, set(), 0
+        red_nodes = []
         for n in k.nodes:
             if n.op in REDUCE_OPS:
                 join = stage is not None and not self._reads_any(n.inputs[0], stage_reds)
@@ -467,6 +471,7 @@ class Describer:
                 res = self.fresh("red")
                 self.red_vars[n.id] = res
                 desc.reductions.append((acc, n.op, n.dtype, stage, val, res))
+                red_nodes.append(n)
                 if not join:
                     stage_at = len(row.lines)
                 row.lines.append(("reduce", len(desc.reductions) - 1))
@@ -488,6 +493,8 @@ class Describer:
             vals = [(out, self.emit(body, store, self._view_coords(body, own, store.shape)), store.dtype)
                     for out, store in full_vals]
             desc.full_store = (body, own, vals)
+        desc.deviations = {i: j for i, n in enumerate(red_nodes) for j, m in enumerate(red_nodes)
+                           if squared_deviations(n, m, n_inner)}
         desc.loads = self.loads
         desc.row_cache = dict(self.cached.values())
         desc.cache_slots = self.cache_slots
@@ -497,6 +504,25 @@ class Describer:
         desc.params = [p for p in self.param_list if p[2] == "read"] + \
                       [p for p in self.param_list if p[2] == "write"]
         return desc
+
+
+def squared_deviations(q: Node, s: Node, count: int) -> bool:
+    """Whether reduction q sums (e - c * s)**2, s sums e over the same axes and c is 1/count:
+    q is the sum of squared deviations of e from its mean (a variance's numerator). A kernel
+    computes them one after the other (two passes: the mean first); Chan's pairwise formula
+    combines partial (sum, squared deviations) of the row's parts in one (cuda._render_rows)."""
+    if q.op != "sum" or s.op != "sum" or q.attrs.get("axes") != s.attrs.get("axes") or \
+            q.attrs.get("keepdims") != s.attrs.get("keepdims") or q.dtype not in (dt.f32, dt.f64):
+        return False
+    sq = q.inputs[0]
+    if sq.op != "mul" or sq.inputs[0] is not sq.inputs[1] or sq.inputs[0].op != "sub":
+        return False
+    e, mean = sq.inputs[0].inputs
+    if e is not s.inputs[0] or mean.op != "mul":
+        return False
+    c = [m for m in mean.inputs if m is not s]
+    return len(c) == 1 and len(mean.inputs) == 2 and is_literal(c[0]) and \
+        abs(float(c[0].attrs["value"]) * count - 1) < 1e-6
 
 
 def row_steps(desc: Described):
