@@ -13,7 +13,7 @@ import pytest
 import flame
 import flame.nn.functional as F
 from flame.codegen.fusion import fuse
-from flame.codegen.kernel import describe
+from flame.codegen.kernel import describe, row_steps
 from flame.codegen.split import split_reductions
 
 pytest.importorskip("numba.cuda")
@@ -350,3 +350,26 @@ def test_cubins_compile_in_parallel_workers_once(tmp_path, monkeypatch):
     assert set(r.sources) == {k.name for k in r.kernels if k.root.id in r.descs}
     CudaRunner(g, compile_only=(9, 0))
     assert calls[1] == 0
+
+
+@pytest.mark.parametrize("src, merged", [
+    ("lambda x: F.layer_norm(x, (512,))", True),
+    ("lambda x: ((x - x.mean(-1, keepdims=True)) ** 2).mean(-1)", True),
+    # deviations from half the mean, from another row's mean, of another value: two exchanges
+    ("lambda x: ((x - x.sum(-1, keepdims=True) * 0.5 / 512) ** 2).sum(-1)", False),
+    ("lambda x: ((x[:5] - x[1:].mean(-1, keepdims=True)) ** 2).sum(-1)", False),
+    ("lambda x: ((x * 2.0 - x.mean(-1, keepdims=True)) ** 2).sum(-1)", False),
+    # rows of 500 on 64 threads: some threads hold fewer elements, so two exchanges
+    ("lambda x: F.layer_norm(x[:, :500], (500,))", False)])
+def test_only_deviations_from_a_rows_own_mean_meet_with_it(src, merged):
+    """One exchange for a row's sum and the squared deviations from its mean only where that is
+    what the graph computes, every thread holding as many elements (Chan's formula with
+    constant counts); the others keep a pass each."""
+    from flame.codegen import cuda as cr
+    from flame.codegen.schedule import make_schedule
+    x = rng.standard_normal((6, 512)).astype(np.float32)
+    s = make_schedule(flame.compile(eval(src), x).graph, "cuda", 256)
+    rows = [s.descs[k.root.id] for k in s.kernels if k.root.id in s.descs and cr.block_per_row(s.descs[k.root.id])]
+    two_stage = [d for d in rows if sum(isinstance(st, list) for st in row_steps(d)) == 2]
+    assert len(two_stage) == 1, [d.kernel.name for d in rows]
+    assert cr.row_exchanges(two_stage[0]) == (1 if merged else 2)

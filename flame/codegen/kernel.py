@@ -512,10 +512,12 @@ def squared_deviations(q: Node, s: Node, count: int) -> bool:
     computes them one after the other (two passes: the mean first); Chan's pairwise formula
     combines partial (sum, squared deviations) of the row's parts in one (cuda._render_rows)."""
     if q.op != "sum" or s.op != "sum" or q.attrs.get("axes") != s.attrs.get("axes") or \
-            q.attrs.get("keepdims") != s.attrs.get("keepdims") or q.dtype not in (dt.f32, dt.f64):
+            q.dtype not in (dt.f32, dt.f64):
         return False
-    sq = q.inputs[0]
-    if sq.op != "mul" or sq.inputs[0] is not sq.inputs[1] or sq.inputs[0].op != "sub":
+    sq = q.inputs[0]   # d * d or d ** 2
+    squared = (sq.op == "mul" and sq.inputs[0] is sq.inputs[1]) or \
+        (sq.op == "pow" and is_literal(sq.inputs[1]) and float(sq.inputs[1].attrs["value"]) == 2.0)
+    if not squared or sq.inputs[0].op != "sub":
         return False
     e, mean = sq.inputs[0].inputs
     if e is not s.inputs[0] or mean.op != "mul":
