@@ -361,7 +361,7 @@ def test_cubins_compile_in_parallel_workers_once(tmp_path, monkeypatch):
     ("lambda x: ((x * 2.0 - x.mean(-1, keepdims=True)) ** 2).sum(-1)", False),
     # rows of 500 on 64 threads: some threads hold fewer elements, so two exchanges
     ("lambda x: F.layer_norm(x[:, :500], (500,))", False)])
-def test_only_deviations_from_a_rows_own_mean_meet_with_it(src, merged):
+def test_only_deviations_from_a_rows_own_mean_meet_with_it(src, merged, monkeypatch):
     """One exchange for a row's sum and the squared deviations from its mean only where that is
     what the graph computes, every thread holding as many elements (Chan's formula with
     constant counts); the others keep a pass each."""
@@ -373,3 +373,5 @@ def test_only_deviations_from_a_rows_own_mean_meet_with_it(src, merged):
     two_stage = [d for d in rows if sum(isinstance(st, list) for st in row_steps(d)) == 2]
     assert len(two_stage) == 1, [d.kernel.name for d in rows]
     assert cr.row_exchanges(two_stage[0]) == (1 if merged else 2)
+    monkeypatch.setattr(cr, "ONE_PASS_MOMENTS", False)   # the switch gpu_bench --only long_rows turns
+    assert cr.row_exchanges(two_stage[0]) == 2

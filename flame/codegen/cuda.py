@@ -26,6 +26,7 @@ NUMBA_TYPE = {dt.f32: "numba.float32", dt.f64: "numba.float64", dt.i32: "numba.i
               dt.i64: "numba.int64", dt.boolean: "numba.boolean", dt.bf16: "numba.float32"}
 ELEMENTWISE_BLOCK = 256
 ELEMENTWISE_PER_THREAD = 4
+ONE_PASS_MOMENTS = True   # a row's mean and squared deviations in one exchange (one_pass_moments)
 
 
 def _init(op, d):
@@ -224,7 +225,7 @@ def one_pass_moments(desc: Described, steps) -> dict:
     one pass and one exchange. Only where every thread holds as many of the row's elements
     as every other (Chan's formula with constant counts); otherwise two passes."""
     out = {}
-    if desc.n_inner != desc.row_threads * desc.row_parts * block_slots(desc):
+    if not ONE_PASS_MOMENTS or desc.n_inner != desc.row_threads * desc.row_parts * block_slots(desc):
         return out
     where = {i: at for at, st in enumerate(steps) if isinstance(st, list) for i in st}
     for q, i in desc.deviations.items():
