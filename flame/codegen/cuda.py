@@ -7,11 +7,11 @@ eight elements each, so short rows put several rows in a block); each thread kee
 elements it loads in registers, partial results meet through warp shuffles and, across
 warps, one shared-memory slot per warp read back into a shuffle butterfly. A row's mean and
 its squared deviations from it (a norm's variance) meet in one exchange, by Chan's pairwise
-formula (one_pass_moments), not one after the other. Long rows (up to 49152 elements) take a block of 1024
-threads; where there are fewer of them than SMs, a thread block cluster of several blocks
-takes each row, each block loading and storing its own part and the blocks' partial results
-meeting through each other's shared memory (kernel.LONG_ROW_BLOCKS, cluster.py). Reductions
-over leading axes: a thread per output.
+formula (one_pass_moments), not one after the other. Long rows (up to 49152 elements) take
+a block of 1024 threads; where there are fewer of them than SMs, a thread block cluster of
+several blocks takes each row, each block loading and storing its own part and the blocks'
+partial results meeting through each other's shared memory (kernel.LONG_ROW_BLOCKS,
+cluster.py). Reductions over leading axes: a thread per output.
 Every float constant is typed (np.float32(...)), so float32 kernels compile to float32 PTX."""
 from __future__ import annotations
 
@@ -265,7 +265,8 @@ def _combine_row(reds, pairs, T, rpb, P, slots):
     one shared slot per warp and a butterfly over those."""
     out, lanes, m = [], min(T, 32), min(T, 32) // 2
     while m:   # each side of this step covers `slots` elements of (lanes / 2m) threads
-        out += _join(reds, pairs, lambda a: f"_shfl_xor({a}, {m})", slots * lanes // (2 * m), slots * lanes // (2 * m))
+        side = slots * lanes // (2 * m)
+        out += _join(reds, pairs, lambda a: f"_shfl_xor({a}, {m})", side, side)
         m //= 2
     if T > 32:
         warps = T // 32
@@ -297,7 +298,8 @@ def _cluster_combine(reds, pairs, P, part_elems, last):
     out.append(ind + "cluster_sync()")
     out += [ind + f"{acc} = cluster_load(cx_{acc}, 0, 0)" for acc, *_ in reds]
     for q in range(1, P):   # the first q parts' results, joined by part q's
-        out += [ind + l for l in _join(reds, pairs, lambda a: f"cluster_load(cx_{a}, 0, {q})", q * part_elems, part_elems)]
+        joined = _join(reds, pairs, lambda a: f"cluster_load(cx_{a}, 0, {q})", q * part_elems, part_elems)
+        out += [ind + l for l in joined]
     return out + ([ind + "cluster_arrive()"] if last else [])
 
 
