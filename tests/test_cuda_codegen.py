@@ -375,3 +375,14 @@ def test_only_deviations_from_a_rows_own_mean_meet_with_it(src, merged, monkeypa
     assert cr.row_exchanges(two_stage[0]) == (1 if merged else 2)
     monkeypatch.setattr(cr, "ONE_PASS_MOMENTS", False)   # the switch gpu_bench --only long_rows turns
     assert cr.row_exchanges(two_stage[0]) == 2
+
+
+def test_deviations_from_a_mean_broadcast_along_rows_are_not_a_rows_own():
+    """x[i, j] - mean[j] (a mean without its kept axis, broadcast along the row) is not a
+    deviation from row i's mean, though the nodes have the same ops."""
+    from flame.codegen.kernel import squared_deviations
+    x = rng.standard_normal((6, 6)).astype(np.float32)
+    for keep, own in ((True, True), (False, False)):
+        g = flame.compile(lambda x: ((x - x.mean(-1, keepdims=keep)) ** 2).sum(-1), x).graph
+        s, q = [n for n in g.nodes if n.op == "sum"]
+        assert squared_deviations(q, s, 6) is own

@@ -507,8 +507,9 @@ class Describer:
 
 
 def squared_deviations(q: Node, s: Node, count: int) -> bool:
-    """Whether reduction q sums (e - c * s)**2, s sums e over the same axes and c is 1/count:
-    q is the sum of squared deviations of e from its mean (a variance's numerator). A kernel
+    """Whether reduction q sums (e - c * s)**2, s sums e over the same axes (kept, so each row
+    reads its own) and c is 1/count: q is the sum of squared deviations of e from its mean
+    (a variance's numerator). A kernel
     computes them one after the other (two passes: the mean first); Chan's pairwise formula
     combines partial (sum, squared deviations) of the row's parts in one (cuda._render_rows)."""
     if q.op != "sum" or s.op != "sum" or q.attrs.get("axes") != s.attrs.get("axes") or \
@@ -520,7 +521,9 @@ def squared_deviations(q: Node, s: Node, count: int) -> bool:
     if not squared or sq.inputs[0].op != "sub":
         return False
     e, mean = sq.inputs[0].inputs
-    if e is not s.inputs[0] or mean.op != "mul":
+    axes = {a % len(e.shape) for a in s.attrs.get("axes", ())}
+    kept = tuple(1 if d in axes else n for d, n in enumerate(e.shape))   # each row's own mean
+    if e is not s.inputs[0] or mean.op != "mul" or tuple(mean.shape) != kept:
         return False
     c = [m for m in mean.inputs if m is not s]
     return len(c) == 1 and len(mean.inputs) == 2 and is_literal(c[0]) and \
