@@ -509,9 +509,9 @@ class Describer:
 def squared_deviations(q: Node, s: Node, count: int) -> bool:
     """Whether reduction q sums (e - c * s)**2, s sums e over the same axes (kept, so each row
     reads its own) and c is 1/count: q is the sum of squared deviations of e from its mean
-    (a variance's numerator). A kernel
-    computes them one after the other (two passes: the mean first); Chan's pairwise formula
-    combines partial (sum, squared deviations) of the row's parts in one (cuda._render_rows)."""
+    (a variance's numerator). A kernel computes them one after the other (two passes: the
+    mean first); Chan's pairwise formula combines partial (sum, squared deviations) of the
+    row's parts in one (cuda._render_rows)."""
     if q.op != "sum" or s.op != "sum" or q.attrs.get("axes") != s.attrs.get("axes") or \
             q.dtype not in (dt.f32, dt.f64):
         return False
