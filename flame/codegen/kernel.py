@@ -16,6 +16,7 @@ import numpy as np
 
 from ..ir import dtypes as dt
 from ..ir.graph import Node
+from ..ir.passes import mean_sum
 from .fusion import MOVEMENT_OPS, REDUCE_OPS, Kernel, is_literal
 
 # bf16 values are stored as their 16 bits and computed in float32, rounded back to bf16
@@ -494,7 +495,7 @@ class Describer:
                     for out, store in full_vals]
             desc.full_store = (body, own, vals)
         desc.deviations = {i: j for i, n in enumerate(red_nodes) for j, m in enumerate(red_nodes)
-                           if squared_deviations(n, m, n_inner)}
+                           if squared_deviations(n, m)}
         desc.loads = self.loads
         desc.row_cache = dict(self.cached.values())
         desc.cache_slots = self.cache_slots
@@ -506,12 +507,12 @@ class Describer:
         return desc
 
 
-def squared_deviations(q: Node, s: Node, count: int) -> bool:
-    """Whether reduction q sums (e - c * s)**2, s sums e over the same axes (kept, so each row
-    reads its own) and c is 1/count: q is the sum of squared deviations of e from its mean
-    (a variance's numerator). A kernel computes them one after the other (two passes: the
-    mean first); Chan's pairwise formula combines partial (sum, squared deviations) of the
-    row's parts in one (cuda._render_rows)."""
+def squared_deviations(q: Node, s: Node) -> bool:
+    """Whether reduction q sums (e - mean)**2 where mean is s * (1 / count) and s sums e over
+    the same axes, kept (passes.mean_sum; so each row reads its own): q is the sum of squared
+    deviations of e from its mean (a variance's numerator). A kernel computes them one after
+    the other (two passes: the mean first); Chan's pairwise formula combines partial (sum,
+    squared deviations) of the row's parts in one (cuda._render_rows)."""
     if q.op != "sum" or s.op != "sum" or q.attrs.get("axes") != s.attrs.get("axes") or \
             q.dtype not in (dt.f32, dt.f64):
         return False
@@ -521,13 +522,7 @@ def squared_deviations(q: Node, s: Node, count: int) -> bool:
     if not squared or sq.inputs[0].op != "sub":
         return False
     e, mean = sq.inputs[0].inputs
-    axes = {a % len(e.shape) for a in s.attrs.get("axes", ())}
-    kept = tuple(1 if d in axes else n for d, n in enumerate(e.shape))   # each row's own mean
-    if e is not s.inputs[0] or mean.op != "mul" or tuple(mean.shape) != kept:
-        return False
-    c = [m for m in mean.inputs if m is not s]
-    return len(c) == 1 and len(mean.inputs) == 2 and is_literal(c[0]) and \
-        abs(float(c[0].attrs["value"]) * count - 1) < 1e-6
+    return e is s.inputs[0] and e.shape == sq.shape and mean_sum(mean) is s
 
 
 def row_steps(desc: Described):

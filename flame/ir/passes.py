@@ -133,18 +133,23 @@ def _strip_expand(n: Node) -> Node:
     return n.inputs[0] if n.op == "expand" else n
 
 
-def _mean_axes(m: Node, x: Node):
-    """The axes when m is sum(x, axes, keepdims) * (1 / count), as Tensor.mean builds it."""
-    m = _strip_expand(m)
+def mean_sum(m: Node):
+    """The sum when m is sum(x, axes, keepdims=True) * (1 / count), a mean as Tensor.mean
+    builds it (codegen.kernel.squared_deviations reads it too); else None."""
     if m.op != "mul":
         return None
     for s, c in (m.inputs, m.inputs[::-1]):
-        if s.op == "sum" and s.inputs[0] is x and s.attrs["axes"] and s.attrs["keepdims"] \
-                and c.op == "const" and c.size == 1:
-            count = int(np.prod([x.shape[a] for a in s.attrs["axes"]]))
+        if s.op == "sum" and s.attrs["axes"] and s.attrs["keepdims"] and c.op == "const" and c.size == 1:
+            count = int(np.prod([s.inputs[0].shape[a] for a in s.attrs["axes"]]))
             if np.isclose(float(np.asarray(c.attrs["value"]).reshape(())), 1.0 / count, rtol=1e-6, atol=0):
-                return tuple(s.attrs["axes"])
+                return s
     return None
+
+
+def _mean_axes(m: Node, x: Node):
+    """The axes when m is mean(x, axes), maybe expanded."""
+    s = mean_sum(_strip_expand(m))
+    return tuple(s.attrs["axes"]) if s is not None and s.inputs[0] is x else None
 
 
 def _centred_axes(n: Node):
