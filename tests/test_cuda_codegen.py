@@ -57,6 +57,16 @@ GRAPHS = {
                                [(2, 4, 8, 8), (4,), (4,)], 32,
                                "F.LONG_GROUP = 1 << 30; kd.ROW_CACHE_SLOTS, kd.LONG_ROW_THREADS, kd.LONG_ROW_SLOTS = 2, 64, 8; "
                                "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2"),
+    # the same, two groups at once a block (LONG_ROW_BLOCKS lowered so that halving the grid
+    # keeps it): each loads its part of both, then exchanges, normalises and stores one after
+    # the other; groups of 120 on 64 threads leave the last slot of some threads empty
+    "long_rows_interleaved": ("flame.value_and_grad(lambda x, w, b: (F.group_norm(x, 2, w, b) * x).sum(), argnums=(0, 1, 2))",
+                              [(4, 4, 6, 10), (4,), (4,)], 32,
+                              "F.LONG_GROUP = 1 << 30; kd.ROW_CACHE_SLOTS, kd.LONG_ROW_THREADS, kd.LONG_ROW_SLOTS = 2, 64, 8; "
+                              "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2; kd.LONG_ROW_BLOCKS = 4"),
+    "long_rows_interleaved_one_pass": ("lambda x, b: F.group_norm(x * 0.5 + 150.0, 2, b, b)", [(4, 4, 8, 8), (4,)], 32,
+                                       "F.LONG_GROUP = 1 << 30; kd.ROW_CACHE_SLOTS, kd.LONG_ROW_THREADS, kd.LONG_ROW_SLOTS = 2, 64, 8; "
+                                       "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2; kd.LONG_ROW_BLOCKS = 4"),
 }
 
 SIM_SCRIPT = textwrap.dedent("""
@@ -82,8 +92,9 @@ SIM_SCRIPT = textwrap.dedent("""
     err = max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-6)) for a, b in zip(got, ref))
     threads = [cr.launch_dims(d, block)[1] for d in r.schedule.descs.values()]
     exchanges = [cr.row_exchanges(d) for d in r.schedule.descs.values() if cr.block_per_row(d)]
+    interleave = [d.row_interleave for d in r.schedule.descs.values()]
     print(json.dumps({"err": err, "kernels": [k.name for k in r.kernels], "threads": threads,
-                      "exchanges": exchanges}))
+                      "exchanges": exchanges, "interleave": interleave}))
 """)
 
 
@@ -107,6 +118,10 @@ def test_fusion_class_runs_under_cuda_simulator(name, tmp_path):
         assert 64 in res["threads"], res
     if name == "one_pass_moments":   # 512 = 64 threads x 8 elements: mean and deviations together
         assert res["exchanges"] == [1] and 128 in res["threads"], res
+    if name.startswith("long_rows_interleaved"):
+        assert 2 in res["interleave"] and 64 in res["threads"], res
+    if name == "long_rows_interleaved_one_pass":   # 128 = 64 threads x 2 elements
+        assert res["exchanges"] == [1], res
 
 
 def _graph(src, shapes):
@@ -129,12 +144,12 @@ def test_every_generated_kernel_compiles_to_ptx_without_float64(tmp_path, monkey
     assert count >= len(GRAPHS)
 
 
-@pytest.mark.parametrize("src, shape, parts", [
-    ("lambda x: F.group_norm(x, 32)", (2, 320, 64, 64), 2),
-    ("lambda x: F.silu(F.group_norm(x, 32))", (1, 320, 64, 64), 4),
-    ("lambda x: F.softmax(x, dim=-1)", (32, 40960), 4),                      # a max stage, then a sum
-    ("flame.grad(lambda x: (F.group_norm(x, 32) * x).sum())", (2, 320, 32, 64), 2)])
-def test_rows_on_a_cluster_of_blocks_compile_to_ptx_and_cubin(src, shape, parts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("src, shape, parts, rows", [
+    ("lambda x: F.group_norm(x, 32)", (2, 320, 64, 64), 4, 2),                # two groups a cluster
+    ("lambda x: F.silu(F.group_norm(x, 32))", (1, 320, 64, 64), 4, 1),
+    ("lambda x: F.softmax(x, dim=-1)", (32, 40960), 4, 1),                      # a max stage, then a sum
+    ("flame.grad(lambda x: (F.group_norm(x, 32) * x).sum())", (2, 320, 32, 64), 4, 2)])
+def test_rows_on_a_cluster_of_blocks_compile_to_ptx_and_cubin(src, shape, parts, rows, tmp_path, monkeypatch):
     """A long row on a thread block cluster: each block loads only its part, thread 0 posts
     the block's partial result, and after the cluster barrier every thread reads all of them
     from the blocks' shared memory (mapa + a generic load); the last barrier is split around
@@ -148,8 +163,8 @@ def test_rows_on_a_cluster_of_blocks_compile_to_ptx_and_cubin(src, shape, parts,
     assert clustered
     for k in clustered:
         d = s.descs[k.root.id]
-        assert d.row_parts == parts
-        stages = cr.row_exchanges(d)
+        assert (d.row_parts, d.row_interleave) == (parts, rows)
+        stages = cr.row_exchanges(d) * rows
         src_k = s.source(k)
         ptx = kernel_ptx(k.name, src_k, [p[1].dtype for p in d.params])
         assert ptx.count("barrier.cluster.arrive.release;") == stages + 1
