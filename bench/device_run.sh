@@ -2,6 +2,7 @@
 # One GPU session's checks on a lent H100/H200 (see docs/PERFORMANCE.md), from the repository
 # root with the numpy wheel in .whl/ (the image's numpy 2.5 breaks numba-cuda's import):
 #   TESTS="tests/test_gpu.py"  the GPU tests to run ("" for none)
+#   TEST_K="cluster"           only the tests pytest -k selects (default: all of them)
 #   BENCH="--sweep"            arguments of bench/gpu_bench.py ("skip" for no benchmark)
 #   .old/ (optional)           an earlier flame/ and bench/, benchmarked first on the same card
 #                              (git archive <commit> flame bench | tar -x -C .old)
@@ -27,8 +28,9 @@ if [ "${BENCH:-}" != skip ]; then
   echo "bench exit $?"; sed -n '/^| bench/,$p' "$OUT/bench.log"
 fi
 if [ -n "${TESTS-tests/test_gpu.py}" ]; then
-  echo "== tests: ${TESTS-tests/test_gpu.py}"
-  timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -q -m gpu ${TESTS-tests/test_gpu.py} -p no:cacheprovider \
+  echo "== tests: ${TESTS-tests/test_gpu.py} ${TEST_K:-}"
+  select=(); [ -n "${TEST_K:-}" ] && select=(-k "$TEST_K")
+  timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -q -m gpu ${TESTS-tests/test_gpu.py} "${select[@]}" -p no:cacheprovider \
     > "$OUT/gpu_tests.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|Error" "$OUT/gpu_tests.log" | tail -8
 fi
