@@ -89,7 +89,10 @@ SIM_SCRIPT = textwrap.dedent("""
     feeds = {n.attrs["name"]: x for n, x in zip(g.inputs, xs)}
     r = CpuRunner(g, "cuda-sim", block)
     got, ref = r.run(feeds), run_graph(g, feeds)
-    err = max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-6)) for a, b in zip(got, ref))
+    # each output against its own magnitude, or against 1% of the largest output's where it is
+    # smaller (a loss summing terms of both signs can come out near zero on some inputs)
+    scale = max(float(np.abs(b).max()) for b in ref)
+    err = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-2 * scale, 1e-6)) for a, b in zip(got, ref))
     threads = [cr.launch_dims(d, block)[1] for d in r.schedule.descs.values()]
     exchanges = [cr.row_exchanges(d) for d in r.schedule.descs.values() if cr.block_per_row(d)]
     interleave = [d.row_interleave for d in r.schedule.descs.values()]
