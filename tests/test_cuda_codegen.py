@@ -57,16 +57,16 @@ GRAPHS = {
                                [(2, 4, 8, 8), (4,), (4,)], 32,
                                "F.LONG_GROUP = 1 << 30; kd.ROW_CACHE_SLOTS, kd.LONG_ROW_THREADS, kd.LONG_ROW_SLOTS = 2, 64, 8; "
                                "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2"),
-    # the same, two groups at once a block (LONG_ROW_BLOCKS lowered so that halving the grid
-    # keeps it): each loads its part of both, then exchanges, normalises and stores one after
+    # the same, two groups at once a block (LONG_ROW_INTERLEAVE on; LONG_ROW_BLOCKS lowered so
+    # that halving the grid keeps it): each loads its part of both, then exchanges, normalises and stores one after
     # the other; groups of 120 on 64 threads leave the last slot of some threads empty
     "long_rows_interleaved": ("flame.value_and_grad(lambda x, w, b: (F.group_norm(x, 2, w, b) * x).sum(), argnums=(0, 1, 2))",
                               [(4, 4, 6, 10), (4,), (4,)], 32,
                               "F.LONG_GROUP = 1 << 30; kd.ROW_CACHE_SLOTS, kd.LONG_ROW_THREADS, kd.LONG_ROW_SLOTS = 2, 64, 8; "
-                              "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2; kd.LONG_ROW_BLOCKS = 4"),
+                              "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2; kd.LONG_ROW_BLOCKS, kd.LONG_ROW_INTERLEAVE = 4, 2"),
     "long_rows_interleaved_one_pass": ("lambda x, b: F.group_norm(x * 0.5 + 150.0, 2, b, b)", [(4, 4, 8, 8), (4,)], 32,
                                        "F.LONG_GROUP = 1 << 30; kd.ROW_CACHE_SLOTS, kd.LONG_ROW_THREADS, kd.LONG_ROW_SLOTS = 2, 64, 8; "
-                                       "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2; kd.LONG_ROW_BLOCKS = 4"),
+                                       "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2; kd.LONG_ROW_BLOCKS, kd.LONG_ROW_INTERLEAVE = 4, 2"),
 }
 
 SIM_SCRIPT = textwrap.dedent("""
@@ -147,20 +147,24 @@ def test_every_generated_kernel_compiles_to_ptx_without_float64(tmp_path, monkey
     assert count >= len(GRAPHS)
 
 
-@pytest.mark.parametrize("src, shape, parts, rows", [
-    ("lambda x: F.group_norm(x, 32)", (2, 320, 64, 64), 4, 2),                # two groups a cluster
-    ("lambda x: F.silu(F.group_norm(x, 32))", (1, 320, 64, 64), 4, 1),
-    ("lambda x: F.softmax(x, dim=-1)", (32, 40960), 4, 1),                      # a max stage, then a sum
-    ("flame.grad(lambda x: (F.group_norm(x, 32) * x).sum())", (2, 320, 32, 64), 4, 2)])
-def test_rows_on_a_cluster_of_blocks_compile_to_ptx_and_cubin(src, shape, parts, rows, tmp_path, monkeypatch):
+@pytest.mark.parametrize("src, shape, interleave, parts, rows", [
+    ("lambda x: F.group_norm(x, 32)", (2, 320, 64, 64), 1, 2, 1),
+    ("lambda x: F.group_norm(x, 32)", (2, 320, 64, 64), 2, 4, 2),                # two groups a cluster
+    ("lambda x: F.silu(F.group_norm(x, 32))", (1, 320, 64, 64), 2, 4, 1),
+    ("lambda x: F.softmax(x, dim=-1)", (32, 40960), 1, 4, 1),                      # a max stage, then a sum
+    ("flame.grad(lambda x: (F.group_norm(x, 32) * x).sum())", (2, 320, 32, 64), 1, 2, 1),
+    ("flame.grad(lambda x: (F.group_norm(x, 32) * x).sum())", (2, 320, 32, 64), 2, 4, 2)])
+def test_rows_on_a_cluster_of_blocks_compile_to_ptx_and_cubin(src, shape, interleave, parts, rows, tmp_path,
+                                                              monkeypatch):
     """A long row on a thread block cluster: each block loads only its part, thread 0 posts
     the block's partial result, and after the cluster barrier every thread reads all of them
     from the blocks' shared memory (mapa + a generic load); the last barrier is split around
     the stores. No float64, and nvJitLink links it for sm_90."""
     pytest.importorskip("cuda.core")
-    from flame.codegen import cuda as cr
+    from flame.codegen import cuda as cr, kernel as kd
     from flame.codegen.ptx import float64_instructions, kernel_cubin, kernel_ptx
     monkeypatch.setenv("FLAME_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kd, "LONG_ROW_INTERLEAVE", interleave)
     s = flame.plan(eval(src), flame.spec(shape, "f32"), backend="cuda")
     clustered = [k for k in s.kernels if s.runs(k) and k.kind != "L" and cr.cluster_blocks(s.descs[k.root.id]) > 1]
     assert clustered

@@ -234,39 +234,61 @@ def test_group_norm_keeps_its_precision_with_a_large_mean_and_a_spike(shape, dty
 
 
 def test_group_norm_at_sd_size_is_one_row_kernel_holding_each_group_in_registers():
-    """SD 1.5's group_norm at 64x64 latents (groups of 10 x 4096): blocks of 1024 threads
-    keep the groups' 40960 elements in registers: mean, centred variance and the
-    normalisation in one launch reading x once."""
+    """SD 1.5's group_norm at 64x64 latents (groups of 10 x 4096): one block of 1024 threads
+    per group keeps its 40960 elements in registers (40 a thread): mean, centred variance
+    and the normalisation in one launch reading x once."""
     x = flame.spec((2, 320, 64, 64), "f32")
     s = flame.plan(lambda x: F.group_norm(x, 32), x, backend="cuda")
     runs = [k for k in s.kernels if s.runs(k)]
     assert len(runs) == 1, [k.name for k in runs]
     d = s.descs[runs[0].root.id]
-    assert (d.n_outer, d.n_inner, d.row_threads, d.cache_slots) == (64, 40960, 1024, 10)   # a group's, a thread
+    assert (d.n_outer, d.n_inner, d.row_threads, d.cache_slots) == (64, 40960, 1024, 20)
     assert "# launch_bounds=1024" in s.source(runs[0], False)
-    # 64 groups on 132 SMs: a cluster of four blocks holds two groups, each block loading
-    # and storing a quarter of both; the first group's exchange overlaps the second's loads
+    # 64 groups on 132 SMs: a cluster of two blocks a group, each loading and storing half
     from flame.codegen import cuda as cr
-    assert (d.row_parts, d.row_interleave) == (4, 2) and cr.launch_dims(d, 256) == (128, 1024)
-    assert cr.cluster_blocks(d) == 4
+    assert d.row_parts == 2 and cr.launch_dims(d, 256) == (128, 1024) and cr.cluster_blocks(d) == 2
     src = s.source(runs[0], False)
-    assert "r = lane + (part * 10 + j) * 1024" in src and "cuda.local.array(10," in src
-    assert src.index("rc_p0_1[j_1] = ") < src.index("_shfl_xor(")   # both groups loaded first
-    # the mean and the squared deviations from it meet in one exchange a group (Chan's formula)
-    assert src.count("cluster_sync()") == 2 and src.rstrip().endswith("cluster_wait()")
+    assert "r = lane + (part * 20 + j) * 1024" in src and "cuda.local.array(20," in src
+    # the mean and the squared deviations from it meet in one exchange (Chan's formula)
+    assert src.count("cluster_sync()") == 1 and src.rstrip().endswith("cluster_wait()")
+
+
+@pytest.mark.parametrize("value_and_grad", [False, True])
+def test_two_groups_a_cluster_load_both_first_then_meet_one_after_the_other(value_and_grad, monkeypatch):
+    """kernel.LONG_ROW_INTERLEAVE = 2: SD 1.5's 64 groups on the same 128 blocks, as 32
+    clusters of four holding two groups each. Every block loads its quarter of both groups,
+    then the first group meets (its exchange overlapping the second's loads) and is stored,
+    then the second: one cluster barrier a group and exchange, the last split around the
+    stores; the output may still overwrite x (each block reads all it writes first)."""
+    from flame.codegen import cuda as cr, kernel as kd
+    monkeypatch.setattr(kd, "LONG_ROW_INTERLEAVE", 2)
+    w = rng.standard_normal((2, 320, 64, 64)).astype(np.float32)
+    fn = flame.value_and_grad(lambda x: (F.group_norm(x, 32) * flame.const(w)).sum()) if value_and_grad \
+        else (lambda x: F.group_norm(x, 32))
+    s = flame.plan(fn, flame.spec((2, 320, 64, 64), "f32"), backend="cuda")
+    k = [k for k in s.kernels if s.runs(k)][0]
+    d = s.descs[k.root.id]
+    assert (d.row_parts, d.row_interleave, d.cache_slots) == (4, 2, 10)
+    assert cr.launch_dims(d, 256) == (128, 1024) and cr.cluster_blocks(d) == 4
+    src = s.source(k, False)
+    loads = [f"rc_p{i}_1[j_1] = " for i in range(2 if value_and_grad else 1)]
+    assert all(src.index(l) < src.index("_shfl_xor(") for l in loads)   # both groups loaded first
+    assert src.count("cluster_sync()") == 2 * cr.row_exchanges(d) and src.count("cluster_arrive()") == 1
+    assert src.index("cluster_arrive()") < src.rindex("out[") and src.rstrip().endswith("cluster_wait()")
+    if not value_and_grad:
+        assert cr.row_exchanges(d) == 1 and d.in_place_candidates() == [d.params[0][1].id]
 
 
 @pytest.mark.parametrize("parts", [4, 1])
 def test_a_row_on_a_cluster_of_blocks_is_written_in_place(parts, monkeypatch):
     """group_norm of a conv's output, which nothing else reads: y may overwrite it, with one
-    block a group or a cluster of four holding two groups, where each block reads only the
-    quarters it writes (all of them before it writes any)."""
+    block a group or a cluster of two, where each block reads only the half it writes."""
     from flame.codegen import kernel as kd
     monkeypatch.setattr(kd, "LONG_ROW_PARTS", parts)
     s = flame.plan(lambda x, w: F.group_norm(F.conv2d(x, w, padding=1), 32), flame.spec((2, 320, 64, 64)),
                    flame.spec((320, 320, 3, 3)), backend="cuda")
     (k,) = [k for k in s.kernels if s.runs(k) and k.kind == "R"]
-    assert s.descs[k.root.id].row_parts == parts
+    assert s.descs[k.root.id].row_parts == min(parts, 2)
     assert k.root.id in s.plan.in_place
 
 
@@ -291,7 +313,7 @@ def test_group_norm_backward_and_its_loss_are_one_row_kernel():
     assert len(runs) == 2, [k.name for k in runs]
     assert (runs[0].full, runs[0].raxes) == ((2, 32, 10, 4096), (2, 3))
     assert [n.size for n in runs[0].out_nodes()] == [2 * 320 * 64 * 64, 64]   # the gradient, the partial sums
-    assert (s.descs[runs[0].root.id].row_parts, s.descs[runs[0].root.id].row_interleave) == (4, 2)
+    assert s.descs[runs[0].root.id].row_parts == 2
 
 
 def test_silu_after_group_norm_joins_its_row_kernel_in_another_view():

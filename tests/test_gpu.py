@@ -94,7 +94,7 @@ def test_random_same_numbers_as_interpreter():
     ("group_norm_silu", lambda x: F.silu(F.group_norm(x, 32)), (1, 320, 64, 64)),
     ("softmax_long_rows", lambda x: F.softmax(x, dim=-1), (32, 40960)),
     ("group_norm_grad", flame.grad(lambda x: (F.group_norm(x, 32) * x).sum()), (1, 320, 32, 64)),
-    # 64 groups: with clusters of 4, each holds two groups (kernel.LONG_ROW_INTERLEAVE)
+    # 64 groups: with clusters of 4, each holds two groups (kernel.LONG_ROW_INTERLEAVE on)
     ("two_groups_a_cluster", lambda x: F.silu(F.group_norm(x, 32)), (2, 320, 64, 64)),
     ("two_groups_a_cluster_grad", flame.grad(lambda x: (F.group_norm(x, 32) * x).sum()), (2, 320, 32, 64))])
 def test_rows_on_a_cluster_of_blocks_match_interpreter_launch_after_launch(name, fn, shape, parts, monkeypatch):
@@ -103,6 +103,7 @@ def test_rows_on_a_cluster_of_blocks_match_interpreter_launch_after_launch(name,
     the same bits on every launch of the captured graph, fresh inputs each time."""
     from flame.codegen import kernel as kd
     monkeypatch.setattr(kd, "LONG_ROW_PARTS", parts)
+    monkeypatch.setattr(kd, "LONG_ROW_INTERLEAVE", 2)   # where it keeps the grid (64 groups on 4 blocks each)
     plan = flame.plan(fn, flame.spec(shape, "f32"), backend="cuda")
     assert max(d.row_parts for d in plan.descs.values()) == parts
     assert max(d.row_interleave for d in plan.descs.values()) == (2 if shape[0] == 2 and parts == 4 else 1)
