@@ -253,6 +253,18 @@ def test_group_norm_at_sd_size_is_one_row_kernel_holding_each_group_in_registers
     assert src.count("cluster_sync()") == 1 and src.rstrip().endswith("cluster_wait()")
 
 
+@pytest.mark.parametrize("rows, most_parts, interleave, layout", [
+    (64, 4, 2, (4, 2)),     # SD 1.5's groups at batch 2: 128 blocks either way
+    (64, 4, 1, (2, 1)),
+    (128, 4, 2, (2, 2)),    # batch 4: 128 blocks, clusters of two holding two groups
+    (32, 4, 2, (4, 1)),     # two a cluster would leave 64 blocks of 128
+    (63, 4, 2, (2, 1)),     # rows that do not pair
+    (64, 1, 2, (1, 1))])    # no clusters: two rows a block would halve the grid
+def test_long_rows_are_held_two_a_cluster_only_where_the_grid_keeps_its_blocks(rows, most_parts, interleave, layout):
+    from flame.codegen.kernel import long_row_layout
+    assert long_row_layout(rows, most_parts, interleave) == layout
+
+
 @pytest.mark.parametrize("value_and_grad", [False, True])
 def test_two_groups_a_cluster_load_both_first_then_meet_one_after_the_other(value_and_grad, monkeypatch):
     """kernel.LONG_ROW_INTERLEAVE = 2: SD 1.5's 64 groups on the same 128 blocks, as 32

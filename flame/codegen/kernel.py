@@ -177,7 +177,8 @@ class Describer:
         n_outer = math.prod(full[d] for d in self.outer_dims)
         parts, rows = long_row_layout(n_outer, long_row_parts, long_row_interleave)
         part_slots = -(-(-(-n_inner // LONG_ROW_THREADS)) // parts)   # a block's, of a long row
-        if slots > ROW_CACHE_SLOTS and rows * part_slots > LONG_ROW_SLOTS:
+        if slots > ROW_CACHE_SLOTS and (rows * part_slots > LONG_ROW_SLOTS or LONG_ROW_THREADS < row_block):
+            # several rows at once only where they fit the registers and a row takes a whole block
             parts, rows = long_row_layout(n_outer, long_row_parts, 1)
             part_slots = -(-(-(-n_inner // LONG_ROW_THREADS)) // parts)
         if slots > ROW_CACHE_SLOTS and part_slots <= LONG_ROW_SLOTS:
