@@ -291,6 +291,18 @@ def test_two_groups_a_cluster_load_both_first_then_meet_one_after_the_other(valu
         assert cr.row_exchanges(d) == 1 and d.in_place_candidates() == [d.params[0][1].id]
 
 
+def test_two_rows_a_block_never_keep_fewer_inputs_in_registers(monkeypatch):
+    """512 groups of 20480 fill the grid with one block a group (no cluster needed): two a
+    block would halve each block's registers a group, keeping x but reading y from memory
+    on every pass. One group a block then, holding both."""
+    from flame.codegen import kernel as kd
+    monkeypatch.setattr(kd, "LONG_ROW_INTERLEAVE", 2)
+    s = flame.plan(flame.grad(lambda x, y: (F.group_norm(x, 32) * y).sum()), flame.spec((16, 320, 32, 64)),
+                   flame.spec((16, 320, 32, 64)), backend="cuda")
+    (d,) = [s.descs[k.root.id] for k in s.kernels if s.runs(k) and s.descs[k.root.id].n_inner == 20480]
+    assert (d.row_parts, d.row_interleave, len(d.row_cache)) == (1, 1, 2)
+
+
 @pytest.mark.parametrize("parts", [4, 1])
 def test_a_row_on_a_cluster_of_blocks_is_written_in_place(parts, monkeypatch):
     """group_norm of a conv's output, which nothing else reads: y may overwrite it, with one

@@ -178,7 +178,8 @@ class Describer:
         parts, rows = long_row_layout(n_outer, long_row_parts, long_row_interleave)
         part_slots = -(-(-(-n_inner // LONG_ROW_THREADS)) // parts)   # a block's, of a long row
         if slots > ROW_CACHE_SLOTS and (rows * part_slots > LONG_ROW_SLOTS or LONG_ROW_THREADS < row_block):
-            # several rows at once only where they fit the registers and a row takes a whole block
+            # several rows at once only where they fit the registers and a row takes a whole
+            # block (and, see describe, where they keep as many inputs in registers)
             parts, rows = long_row_layout(n_outer, long_row_parts, 1)
             part_slots = -(-(-(-n_inner // LONG_ROW_THREADS)) // parts)
         if slots > ROW_CACHE_SLOTS and part_slots <= LONG_ROW_SLOTS:
@@ -604,16 +605,23 @@ def describe(kernel: Kernel, row_block: int = 0, long_row_parts: int = 1, long_r
     """The kernel's description. A GPU row kernel whose later passes first load row elements
     it keeps in registers (a softmax backward's upstream gradient, read after the max and
     the sum) is described again with those loads in the first pass: all of a row's loads are
-    then in flight together, not one batch after each barrier. long_row_parts: see
-    Describer; a row whose reductions have a type the blocks cannot exchange (booleans) stays
-    on one block."""
+    then in flight together, not one batch after each barrier. long_row_parts and
+    long_row_interleave: see Describer; a row whose reductions have a type the blocks cannot
+    exchange (booleans) stays on one block, and rows stay one at a time where several would
+    keep fewer of a row's inputs in registers."""
     d = Describer(kernel, row_block, long_row_parts=long_row_parts, long_row_interleave=long_row_interleave)
     desc = d.describe()
     if desc.row_parts > 1 and any(r[2].name not in EXCHANGED for r in desc.reductions):
         return describe(kernel, row_block, 1)
     if ROW_PREFETCH and d.late_loads:
-        return Describer(kernel, row_block, prefetch=d.late_loads, long_row_parts=long_row_parts,
+        desc = Describer(kernel, row_block, prefetch=d.late_loads, long_row_parts=long_row_parts,
                          long_row_interleave=long_row_interleave).describe()
+    if desc.row_interleave > 1:
+        # several rows at once share a thread's registers: not where that leaves an input
+        # of the row in memory that one row at a time keeps (read again on every pass)
+        one = describe(kernel, row_block, long_row_parts, 1)
+        if len(one.row_cache) > len(desc.row_cache):
+            return one
     return desc
 
 
