@@ -567,7 +567,8 @@ LONG_ROW_PARTS = 4
 # blocks exchange a row's partial sums memory idles. With LONG_ROW_INTERLEAVE rows to a
 # cluster (each block loading its part of every one first) a row's exchange overlaps the
 # next row's loads and the previous row's stores. Only where the grid keeps its blocks
-# (long_row_layout): 64 rows on 128 blocks as 32 clusters of 4, not 32 clusters of 2.
+# (long_row_layout): 64 rows on 128 blocks as 32 clusters of 4, not 32 clusters of 2; and
+# where the registers keep as many of a row's inputs as with one row (describe).
 # Off (1) until timed on a GPU: it is tested in the simulator (one block a row) and compiled
 # for sm_90, but no GPU could be started to time it against one row a cluster
 # (gpu_bench --only long_rows times both).
