@@ -20,6 +20,12 @@ pytest.importorskip("numba.cuda")
 
 rng = np.random.default_rng()
 
+# long-row limits scaled down for the simulator: groups of about 128 on one block of 64 threads
+LONG_ROWS_SCALED = ("F.LONG_GROUP = 1 << 30; kd.ROW_CACHE_SLOTS, kd.LONG_ROW_THREADS, kd.LONG_ROW_SLOTS = 2, 64, 8; "
+                    "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2")
+# ... and two groups a block (LONG_ROW_BLOCKS lowered so that halving the grid keeps it)
+TWO_ROWS_A_BLOCK = LONG_ROWS_SCALED + "; kd.LONG_ROW_BLOCKS, kd.LONG_ROW_INTERLEAVE = 4, 2"
+
 # each graph exercises one fusion class; the simulator script below traces the same list
 GRAPHS = {
     "elementwise_chain": ("lambda x, b: ((x * 1.5 + b).tanh() * x - b).sigmoid()", [(5, 33), (33,)]),
@@ -54,19 +60,14 @@ GRAPHS = {
     # a group held in registers by one block of LONG_ROW_THREADS (limits scaled down: groups
     # of 128, 64 threads, 2 each), its backward and the loss split along the group rows
     "long_rows_in_registers": ("flame.value_and_grad(lambda x, w, b: (F.group_norm(x, 2, w, b) * x).sum(), argnums=(0, 1, 2))",
-                               [(2, 4, 8, 8), (4,), (4,)], 32,
-                               "F.LONG_GROUP = 1 << 30; kd.ROW_CACHE_SLOTS, kd.LONG_ROW_THREADS, kd.LONG_ROW_SLOTS = 2, 64, 8; "
-                               "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2"),
-    # the same, two groups at once a block (LONG_ROW_INTERLEAVE on; LONG_ROW_BLOCKS lowered so
-    # that halving the grid keeps it): each loads its part of both, then exchanges, normalises and stores one after
-    # the other; groups of 120 on 64 threads leave the last slot of some threads empty
+                               [(2, 4, 8, 8), (4,), (4,)], 32, LONG_ROWS_SCALED),
+    # the same, two groups at once a block (LONG_ROW_INTERLEAVE on): each loads its part of
+    # both, then exchanges, normalises and stores one after the other; groups of 120 on 64
+    # threads leave the last slot of some threads empty
     "long_rows_interleaved": ("flame.value_and_grad(lambda x, w, b: (F.group_norm(x, 2, w, b) * x).sum(), argnums=(0, 1, 2))",
-                              [(4, 4, 6, 10), (4,), (4,)], 32,
-                              "F.LONG_GROUP = 1 << 30; kd.ROW_CACHE_SLOTS, kd.LONG_ROW_THREADS, kd.LONG_ROW_SLOTS = 2, 64, 8; "
-                              "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2; kd.LONG_ROW_BLOCKS, kd.LONG_ROW_INTERLEAVE = 4, 2"),
+                              [(4, 4, 6, 10), (4,), (4,)], 32, TWO_ROWS_A_BLOCK),
     "long_rows_interleaved_one_pass": ("lambda x, b: F.group_norm(x * 0.5 + 150.0, 2, b, b)", [(4, 4, 8, 8), (4,)], 32,
-                                       "F.LONG_GROUP = 1 << 30; kd.ROW_CACHE_SLOTS, kd.LONG_ROW_THREADS, kd.LONG_ROW_SLOTS = 2, 64, 8; "
-                                       "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2; kd.LONG_ROW_BLOCKS, kd.LONG_ROW_INTERLEAVE = 4, 2"),
+                                       TWO_ROWS_A_BLOCK),
 }
 
 SIM_SCRIPT = textwrap.dedent("""
