@@ -233,10 +233,13 @@ def test_group_norm_keeps_its_precision_with_a_large_mean_and_a_spike(shape, dty
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
-def test_group_norm_at_sd_size_is_one_row_kernel_holding_each_group_in_registers():
+def test_group_norm_at_sd_size_is_one_row_kernel_holding_each_group_in_registers(monkeypatch):
     """SD 1.5's group_norm at 64x64 latents (groups of 10 x 4096): one block of 1024 threads
     per group keeps its 40960 elements in registers (40 a thread): mean, centred variance
-    and the normalisation in one launch reading x once."""
+    and the normalisation in one launch reading x once. One group a cluster here; two are
+    tested below."""
+    from flame.codegen import kernel as kd
+    monkeypatch.setattr(kd, "LONG_ROW_INTERLEAVE", 1)
     x = flame.spec((2, 320, 64, 64), "f32")
     s = flame.plan(lambda x: F.group_norm(x, 32), x, backend="cuda")
     runs = [k for k in s.kernels if s.runs(k)]
@@ -306,9 +309,11 @@ def test_two_rows_a_block_never_keep_fewer_inputs_in_registers(monkeypatch):
 @pytest.mark.parametrize("parts", [4, 1])
 def test_a_row_on_a_cluster_of_blocks_is_written_in_place(parts, monkeypatch):
     """group_norm of a conv's output, which nothing else reads: y may overwrite it, with one
-    block a group or a cluster of two, where each block reads only the half it writes."""
+    block a group or a cluster of two, where each block reads only the half it writes (two
+    groups a cluster: test_two_groups_a_cluster_...)."""
     from flame.codegen import kernel as kd
     monkeypatch.setattr(kd, "LONG_ROW_PARTS", parts)
+    monkeypatch.setattr(kd, "LONG_ROW_INTERLEAVE", 1)
     s = flame.plan(lambda x, w: F.group_norm(F.conv2d(x, w, padding=1), 32), flame.spec((2, 320, 64, 64)),
                    flame.spec((320, 320, 3, 3)), backend="cuda")
     (k,) = [k for k in s.kernels if s.runs(k) and k.kind == "R"]
@@ -326,10 +331,13 @@ def test_long_rows_take_one_block_each_without_clusters():
         assert s.descs[k.root.id].row_parts == 1 and "cluster" not in s.source(k)
 
 
-def test_group_norm_backward_and_its_loss_are_one_row_kernel():
+@pytest.mark.parametrize("interleave, parts", [(1, 2), (2, 4)])
+def test_group_norm_backward_and_its_loss_are_one_row_kernel(interleave, parts, monkeypatch):
     """sum(group_norm(x) * w) and its x-gradient: the loss sum splits along the group rows
     (not the tensor's own [N, C, H, W] axes), so statistics, loss partial sums, the backward's
     two sums and the gradient are one kernel over the groups, plus the 64-value final sum."""
+    from flame.codegen import kernel as kd
+    monkeypatch.setattr(kd, "LONG_ROW_INTERLEAVE", interleave)
     x = flame.spec((2, 320, 64, 64), "f32")
     w = rng.standard_normal((2, 320, 64, 64)).astype(np.float32)
     s = flame.plan(flame.value_and_grad(lambda x: (F.group_norm(x, 32) * flame.const(w)).sum()), x, backend="cuda")
@@ -337,7 +345,7 @@ def test_group_norm_backward_and_its_loss_are_one_row_kernel():
     assert len(runs) == 2, [k.name for k in runs]
     assert (runs[0].full, runs[0].raxes) == ((2, 32, 10, 4096), (2, 3))
     assert [n.size for n in runs[0].out_nodes()] == [2 * 320 * 64 * 64, 64]   # the gradient, the partial sums
-    assert s.descs[runs[0].root.id].row_parts == 2
+    assert s.descs[runs[0].root.id].row_parts == parts
 
 
 def test_silu_after_group_norm_joins_its_row_kernel_in_another_view():
