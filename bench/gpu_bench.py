@@ -353,12 +353,12 @@ def main():
     args = ap.parse_args()
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     bench_copy()
-    for name, fn in (("elementwise", bench_elementwise), ("rows", bench_rows), ("gemm", bench_gemm),
-                     ("conv", bench_conv), ("block", bench_block), ("long_rows", bench_long_rows),
-                     ("sweep", bench_sweep)):
-        if (args.only and name not in args.only.split(",")) or (name in ("sweep", "long_rows") and not (
-                args.sweep or name in args.only.split(","))):
-            continue
+    benches = {"elementwise": bench_elementwise, "rows": bench_rows, "gemm": bench_gemm, "conv": bench_conv,
+               "block": bench_block, "long_rows": bench_long_rows, "sweep": bench_sweep}
+    # --only's order is the run's (the figures that matter most first, in case a time limit cuts it)
+    names = args.only.split(",") if args.only else [n for n in benches if args.sweep or n not in ("sweep", "long_rows")]
+    for name in names:
+        fn = benches[name]
         try:
             fn()
         except Exception as e:

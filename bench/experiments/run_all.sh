@@ -2,7 +2,7 @@
 # The benchmark and GPU tests (bench/device_run.sh), then the experiment, in one device call.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-BENCH=${BENCH:---only rows,long_rows} TESTS=${TESTS-tests/test_gpu.py} bash bench/device_run.sh
+BENCH=${BENCH:---only long_rows,rows} TESTS=${TESTS-tests/test_gpu.py} bash bench/device_run.sh
 if [ "${EXP:-1}" = 1 ]; then
   PYTHONPATH=/tmp/site:.:bench FLAME_CACHE_DIR=$PWD/.fc timeout "${EXP_TIMEOUT:-150}" python3 bench/experiments/rows_pipeline.py > "$OUT/exp.log" 2>&1
   echo "exp exit $?"; grep "^|\|FAILED" "$OUT/exp.log"
