@@ -375,6 +375,19 @@ def test_cubins_compile_in_parallel_workers_once(tmp_path, monkeypatch):
     assert calls[1] == 0
 
 
+def test_a_machine_without_a_gpu_compiles_cluster_kernels(tmp_path, monkeypatch):
+    """compile_only prepares the cache for a GPU machine, also for kernels launched as thread
+    block clusters (whose launch configuration would ask the driver)."""
+    pytest.importorskip("cuda.core")
+    from flame.codegen import cuda as cr
+    from flame.runtime.cuda import CudaRunner
+    monkeypatch.setenv("FLAME_CACHE_DIR", str(tmp_path))
+    g = flame.compile(lambda x: F.group_norm(x, 32), np.zeros((2, 320, 64, 64), np.float32)).graph
+    r = CudaRunner(g, compile_only=(9, 0))
+    assert [cr.cluster_blocks(d) for d in r.descs.values()] == [2] and r.sources
+    assert len(list((tmp_path / "kernels" / "cubin").iterdir())) == 1
+
+
 @pytest.mark.parametrize("src, merged", [
     ("lambda x: F.layer_norm(x, (512,))", True),
     ("lambda x: ((x - x.mean(-1, keepdims=True)) ** 2).mean(-1)", True),

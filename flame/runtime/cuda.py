@@ -132,7 +132,10 @@ class CudaRunner:
 
     def _launcher(self, kern, grid, block, ptrs, cluster=1):
         """grid: blocks; cluster > 1: launched as grid // cluster clusters of that many blocks
-        (cuda.core counts a clustered grid in clusters)."""
+        (cuda.core counts a clustered grid in clusters). None without a device (compile_only:
+        a cluster's LaunchConfig already asks the driver)."""
+        if self.dev is None:
+            return None
         from cuda.core import LaunchConfig, launch
         if cluster > 1:
             cfg = LaunchConfig(grid=grid // cluster, cluster=cluster, block=block)
