@@ -178,9 +178,8 @@ def bench_sweep():
 
 def bench_long_rows():
     """SD 1.5's group_norm at batch 2 (64 groups of 40960) under the long-row settings: threads
-    a block, blocks a group (a thread block cluster), at most this many blocks, groups a
-    cluster holds at once (kernel.LONG_ROW_INTERLEAVE); and with the mean's and the
-    variance's exchanges apart (cuda.ONE_PASS_MOMENTS off).
+    a block, blocks a group (a thread block cluster), at most this many blocks; and with the
+    mean's and the variance's exchanges apart (cuda.ONE_PASS_MOMENTS off).
     Beside it, in the same [64, 40960] rows: a copy (x * 2 + 1, elementwise) and one
     reduction stage (x - mean), which tell what the passes over the row cost."""
     from flame.codegen import cuda as cr, kernel as kd
@@ -199,20 +198,17 @@ def bench_long_rows():
              ("group_norm fwd+bwd", flame.value_and_grad(lambda x: (F.group_norm(x, 32) * flame.const(w)).sum()), 12),
              # the gradient alone: no loss, so no second kernel summing the groups' partial losses
              ("group_norm grad only", flame.grad(lambda x: (F.group_norm(x, 32) * flame.const(w)).sum()), 12)]
-    keep = kd.LONG_ROW_THREADS, kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS, kd.LONG_ROW_INTERLEAVE, cr.ONE_PASS_MOMENTS
-    for threads, parts, blocks, rows, one_pass in ((1024, 4, 132, 2, True), (1024, 2, 132, 1, True),
-                                                   (1024, 2, 132, 1, False), (1024, 1, 132, 1, True)):
+    keep = kd.LONG_ROW_THREADS, kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS, cr.ONE_PASS_MOMENTS
+    for threads, parts, blocks, one_pass in ((1024, 2, 132, True), (1024, 2, 132, False), (1024, 1, 132, True)):
         kd.LONG_ROW_THREADS, kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS = threads, parts, blocks
-        kd.LONG_ROW_INTERLEAVE = rows   # 2: a cluster holds two groups, loads both, then one after the other
         cr.ONE_PASS_MOMENTS = one_pass   # off: the mean's exchange, then the deviations'
         for name, fn, per in cases:
             fr = flame_runner(fn, x)
             ms = median_ms_flame(fr)
-            tag = f"{threads} threads, {parts} blocks a group" + (f", {rows} groups a cluster" if rows > 1 else "") + \
-                ("" if one_pass else ", mean and variance apart")
+            tag = f"{threads} threads, {parts} blocks a group" + ("" if one_pass else ", mean and variance apart")
             row(f"long rows: {name} [{tag}]", ms, float("nan"),
                 bytes_=per * n, note=f"{fr.launches} launch(es); {roofline(per * n, ms)}")
-    kd.LONG_ROW_THREADS, kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS, kd.LONG_ROW_INTERLEAVE, cr.ONE_PASS_MOMENTS = keep
+    kd.LONG_ROW_THREADS, kd.LONG_ROW_PARTS, kd.LONG_ROW_BLOCKS, cr.ONE_PASS_MOMENTS = keep
 
 
 def bench_gemm():

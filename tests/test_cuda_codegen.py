@@ -20,12 +20,6 @@ pytest.importorskip("numba.cuda")
 
 rng = np.random.default_rng()
 
-# long-row limits scaled down for the simulator: groups of about 128 on one block of 64 threads
-LONG_ROWS_SCALED = ("F.LONG_GROUP = 1 << 30; kd.ROW_CACHE_SLOTS, kd.LONG_ROW_THREADS, kd.LONG_ROW_SLOTS = 2, 64, 8; "
-                    "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2")
-# ... and two groups a block (LONG_ROW_BLOCKS lowered so that halving the grid keeps it)
-TWO_ROWS_A_BLOCK = LONG_ROWS_SCALED + "; kd.LONG_ROW_BLOCKS, kd.LONG_ROW_INTERLEAVE = 4, 2"
-
 # each graph exercises one fusion class; the simulator script below traces the same list
 GRAPHS = {
     "elementwise_chain": ("lambda x, b: ((x * 1.5 + b).tanh() * x - b).sigmoid()", [(5, 33), (33,)]),
@@ -60,14 +54,9 @@ GRAPHS = {
     # a group held in registers by one block of LONG_ROW_THREADS (limits scaled down: groups
     # of 128, 64 threads, 2 each), its backward and the loss split along the group rows
     "long_rows_in_registers": ("flame.value_and_grad(lambda x, w, b: (F.group_norm(x, 2, w, b) * x).sum(), argnums=(0, 1, 2))",
-                               [(2, 4, 8, 8), (4,), (4,)], 32, LONG_ROWS_SCALED),
-    # the same, two groups at once a block (LONG_ROW_INTERLEAVE on): each loads its part of
-    # both, then exchanges, normalises and stores one after the other; groups of 120 on 64
-    # threads leave the last slot of some threads empty
-    "long_rows_interleaved": ("flame.value_and_grad(lambda x, w, b: (F.group_norm(x, 2, w, b) * x).sum(), argnums=(0, 1, 2))",
-                              [(4, 4, 6, 10), (4,), (4,)], 32, TWO_ROWS_A_BLOCK),
-    "long_rows_interleaved_one_pass": ("lambda x, b: F.group_norm(x * 0.5 + 150.0, 2, b, b)", [(4, 4, 8, 8), (4,)], 32,
-                                       TWO_ROWS_A_BLOCK),
+                               [(2, 4, 8, 8), (4,), (4,)], 32,
+                               "F.LONG_GROUP = 1 << 30; kd.ROW_CACHE_SLOTS, kd.LONG_ROW_THREADS, kd.LONG_ROW_SLOTS = 2, 64, 8; "
+                               "sp.LONG_ROW, sp.LONG_ROW_MIN_ROWS = 512, 2"),
 }
 
 SIM_SCRIPT = textwrap.dedent("""
@@ -96,9 +85,8 @@ SIM_SCRIPT = textwrap.dedent("""
     err = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-2 * scale, 1e-6)) for a, b in zip(got, ref))
     threads = [cr.launch_dims(d, block)[1] for d in r.schedule.descs.values()]
     exchanges = [cr.row_exchanges(d) for d in r.schedule.descs.values() if cr.block_per_row(d)]
-    interleave = [d.row_interleave for d in r.schedule.descs.values()]
     print(json.dumps({"err": err, "kernels": [k.name for k in r.kernels], "threads": threads,
-                      "exchanges": exchanges, "interleave": interleave}))
+                      "exchanges": exchanges}))
 """)
 
 
@@ -122,10 +110,6 @@ def test_fusion_class_runs_under_cuda_simulator(name, tmp_path):
         assert 64 in res["threads"], res
     if name == "one_pass_moments":   # 512 = 64 threads x 8 elements: mean and deviations together
         assert res["exchanges"] == [1] and 128 in res["threads"], res
-    if name.startswith("long_rows_interleaved"):
-        assert 2 in res["interleave"] and 64 in res["threads"], res
-    if name == "long_rows_interleaved_one_pass":   # 128 = 64 threads x 2 elements
-        assert res["exchanges"] == [1], res
 
 
 def _graph(src, shapes):
@@ -148,31 +132,27 @@ def test_every_generated_kernel_compiles_to_ptx_without_float64(tmp_path, monkey
     assert count >= len(GRAPHS)
 
 
-@pytest.mark.parametrize("src, shape, interleave, parts, rows", [
-    ("lambda x: F.group_norm(x, 32)", (2, 320, 64, 64), 1, 2, 1),
-    ("lambda x: F.group_norm(x, 32)", (2, 320, 64, 64), 2, 4, 2),                # two groups a cluster
-    ("lambda x: F.silu(F.group_norm(x, 32))", (1, 320, 64, 64), 2, 4, 1),
-    ("lambda x: F.softmax(x, dim=-1)", (32, 40960), 1, 4, 1),                      # a max stage, then a sum
-    ("flame.grad(lambda x: (F.group_norm(x, 32) * x).sum())", (2, 320, 32, 64), 1, 2, 1),
-    ("flame.grad(lambda x: (F.group_norm(x, 32) * x).sum())", (2, 320, 32, 64), 2, 4, 2)])
-def test_rows_on_a_cluster_of_blocks_compile_to_ptx_and_cubin(src, shape, interleave, parts, rows, tmp_path,
-                                                              monkeypatch):
+@pytest.mark.parametrize("src, shape, parts", [
+    ("lambda x: F.group_norm(x, 32)", (2, 320, 64, 64), 2),
+    ("lambda x: F.silu(F.group_norm(x, 32))", (1, 320, 64, 64), 4),
+    ("lambda x: F.softmax(x, dim=-1)", (32, 40960), 4),                      # a max stage, then a sum
+    ("flame.grad(lambda x: (F.group_norm(x, 32) * x).sum())", (2, 320, 32, 64), 2)])
+def test_rows_on_a_cluster_of_blocks_compile_to_ptx_and_cubin(src, shape, parts, tmp_path, monkeypatch):
     """A long row on a thread block cluster: each block loads only its part, thread 0 posts
     the block's partial result, and after the cluster barrier every thread reads all of them
     from the blocks' shared memory (mapa + a generic load); the last barrier is split around
     the stores. No float64, and nvJitLink links it for sm_90."""
     pytest.importorskip("cuda.core")
-    from flame.codegen import cuda as cr, kernel as kd
+    from flame.codegen import cuda as cr
     from flame.codegen.ptx import float64_instructions, kernel_cubin, kernel_ptx
     monkeypatch.setenv("FLAME_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(kd, "LONG_ROW_INTERLEAVE", interleave)
     s = flame.plan(eval(src), flame.spec(shape, "f32"), backend="cuda")
     clustered = [k for k in s.kernels if s.runs(k) and k.kind != "L" and cr.cluster_blocks(s.descs[k.root.id]) > 1]
     assert clustered
     for k in clustered:
         d = s.descs[k.root.id]
-        assert (d.row_parts, d.row_interleave) == (parts, rows)
-        stages = cr.row_exchanges(d) * rows
+        assert d.row_parts == parts
+        stages = cr.row_exchanges(d)
         src_k = s.source(k)
         ptx = kernel_ptx(k.name, src_k, [p[1].dtype for p in d.params])
         assert ptx.count("barrier.cluster.arrive.release;") == stages + 1

@@ -233,13 +233,10 @@ def test_group_norm_keeps_its_precision_with_a_large_mean_and_a_spike(shape, dty
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
-def test_group_norm_at_sd_size_is_one_row_kernel_holding_each_group_in_registers(monkeypatch):
+def test_group_norm_at_sd_size_is_one_row_kernel_holding_each_group_in_registers():
     """SD 1.5's group_norm at 64x64 latents (groups of 10 x 4096): one block of 1024 threads
     per group keeps its 40960 elements in registers (40 a thread): mean, centred variance
-    and the normalisation in one launch reading x once. One group a cluster here; two are
-    tested below."""
-    from flame.codegen import kernel as kd
-    monkeypatch.setattr(kd, "LONG_ROW_INTERLEAVE", 1)
+    and the normalisation in one launch reading x once."""
     x = flame.spec((2, 320, 64, 64), "f32")
     s = flame.plan(lambda x: F.group_norm(x, 32), x, backend="cuda")
     runs = [k for k in s.kernels if s.runs(k)]
@@ -256,64 +253,12 @@ def test_group_norm_at_sd_size_is_one_row_kernel_holding_each_group_in_registers
     assert src.count("cluster_sync()") == 1 and src.rstrip().endswith("cluster_wait()")
 
 
-@pytest.mark.parametrize("rows, most_parts, interleave, layout", [
-    (64, 4, 2, (4, 2)),     # SD 1.5's groups at batch 2: 128 blocks either way
-    (64, 4, 1, (2, 1)),
-    (128, 4, 2, (2, 2)),    # batch 4: 128 blocks, clusters of two holding two groups
-    (32, 4, 2, (4, 1)),     # two a cluster would leave 64 blocks of 128
-    (63, 4, 2, (2, 1)),     # rows that do not pair
-    (64, 1, 2, (1, 1))])    # no clusters: two rows a block would halve the grid
-def test_long_rows_are_held_two_a_cluster_only_where_the_grid_keeps_its_blocks(rows, most_parts, interleave, layout):
-    from flame.codegen.kernel import long_row_layout
-    assert long_row_layout(rows, most_parts, interleave) == layout
-
-
-@pytest.mark.parametrize("value_and_grad", [False, True])
-def test_two_groups_a_cluster_load_both_first_then_meet_one_after_the_other(value_and_grad, monkeypatch):
-    """kernel.LONG_ROW_INTERLEAVE = 2: SD 1.5's 64 groups on the same 128 blocks, as 32
-    clusters of four holding two groups each. Every block loads its quarter of both groups,
-    then the first group meets (its exchange overlapping the second's loads) and is stored,
-    then the second: one cluster barrier a group and exchange, the last split around the
-    stores; the output may still overwrite x (each block reads all it writes first)."""
-    from flame.codegen import cuda as cr, kernel as kd
-    monkeypatch.setattr(kd, "LONG_ROW_INTERLEAVE", 2)
-    w = rng.standard_normal((2, 320, 64, 64)).astype(np.float32)
-    fn = flame.value_and_grad(lambda x: (F.group_norm(x, 32) * flame.const(w)).sum()) if value_and_grad \
-        else (lambda x: F.group_norm(x, 32))
-    s = flame.plan(fn, flame.spec((2, 320, 64, 64), "f32"), backend="cuda")
-    k = [k for k in s.kernels if s.runs(k)][0]
-    d = s.descs[k.root.id]
-    assert (d.row_parts, d.row_interleave, d.cache_slots) == (4, 2, 10)
-    assert cr.launch_dims(d, 256) == (128, 1024) and cr.cluster_blocks(d) == 4
-    src = s.source(k, False)
-    loads = [f"rc_p{i}_1[j_1] = " for i in range(2 if value_and_grad else 1)]
-    assert all(src.index(l) < src.index("_shfl_xor(") for l in loads)   # both groups loaded first
-    assert src.count("cluster_sync()") == 2 * cr.row_exchanges(d) and src.count("cluster_arrive()") == 1
-    assert src.index("cluster_arrive()") < src.rindex("out[") and src.rstrip().endswith("cluster_wait()")
-    if not value_and_grad:
-        assert cr.row_exchanges(d) == 1 and d.in_place_candidates() == [d.params[0][1].id]
-
-
-def test_two_rows_a_block_never_keep_fewer_inputs_in_registers(monkeypatch):
-    """512 groups of 20480 fill the grid with one block a group (no cluster needed): two a
-    block would halve each block's registers a group, keeping x but reading y from memory
-    on every pass. One group a block then, holding both."""
-    from flame.codegen import kernel as kd
-    monkeypatch.setattr(kd, "LONG_ROW_INTERLEAVE", 2)
-    s = flame.plan(flame.grad(lambda x, y: (F.group_norm(x, 32) * y).sum()), flame.spec((16, 320, 32, 64)),
-                   flame.spec((16, 320, 32, 64)), backend="cuda")
-    (d,) = [s.descs[k.root.id] for k in s.kernels if s.runs(k) and s.descs[k.root.id].n_inner == 20480]
-    assert (d.row_parts, d.row_interleave, len(d.row_cache)) == (1, 1, 2)
-
-
 @pytest.mark.parametrize("parts", [4, 1])
 def test_a_row_on_a_cluster_of_blocks_is_written_in_place(parts, monkeypatch):
     """group_norm of a conv's output, which nothing else reads: y may overwrite it, with one
-    block a group or a cluster of two, where each block reads only the half it writes (two
-    groups a cluster: test_two_groups_a_cluster_...)."""
+    block a group or a cluster of two, where each block reads only the half it writes."""
     from flame.codegen import kernel as kd
     monkeypatch.setattr(kd, "LONG_ROW_PARTS", parts)
-    monkeypatch.setattr(kd, "LONG_ROW_INTERLEAVE", 1)
     s = flame.plan(lambda x, w: F.group_norm(F.conv2d(x, w, padding=1), 32), flame.spec((2, 320, 64, 64)),
                    flame.spec((320, 320, 3, 3)), backend="cuda")
     (k,) = [k for k in s.kernels if s.runs(k) and k.kind == "R"]
@@ -331,13 +276,10 @@ def test_long_rows_take_one_block_each_without_clusters():
         assert s.descs[k.root.id].row_parts == 1 and "cluster" not in s.source(k)
 
 
-@pytest.mark.parametrize("interleave, parts", [(1, 2), (2, 4)])
-def test_group_norm_backward_and_its_loss_are_one_row_kernel(interleave, parts, monkeypatch):
+def test_group_norm_backward_and_its_loss_are_one_row_kernel():
     """sum(group_norm(x) * w) and its x-gradient: the loss sum splits along the group rows
     (not the tensor's own [N, C, H, W] axes), so statistics, loss partial sums, the backward's
     two sums and the gradient are one kernel over the groups, plus the 64-value final sum."""
-    from flame.codegen import kernel as kd
-    monkeypatch.setattr(kd, "LONG_ROW_INTERLEAVE", interleave)
     x = flame.spec((2, 320, 64, 64), "f32")
     w = rng.standard_normal((2, 320, 64, 64)).astype(np.float32)
     s = flame.plan(flame.value_and_grad(lambda x: (F.group_norm(x, 32) * flame.const(w)).sum()), x, backend="cuda")
@@ -345,7 +287,7 @@ def test_group_norm_backward_and_its_loss_are_one_row_kernel(interleave, parts, 
     assert len(runs) == 2, [k.name for k in runs]
     assert (runs[0].full, runs[0].raxes) == ((2, 32, 10, 4096), (2, 3))
     assert [n.size for n in runs[0].out_nodes()] == [2 * 320 * 64 * 64, 64]   # the gradient, the partial sums
-    assert s.descs[runs[0].root.id].row_parts == parts
+    assert s.descs[runs[0].root.id].row_parts == 2
 
 
 def test_silu_after_group_norm_joins_its_row_kernel_in_another_view():

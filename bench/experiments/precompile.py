@@ -36,12 +36,12 @@ def main():
     import test_gpu
     test = test_gpu.test_rows_on_a_cluster_of_blocks_match_interpreter_launch_after_launch
     marks = {m.args[0]: m.args[1] for m in test.pytestmark if m.name == "parametrize"}
-    keep = kd.LONG_ROW_PARTS, kd.LONG_ROW_INTERLEAVE
+    keep = kd.LONG_ROW_PARTS
     for parts in marks["parts"]:
         for name, fn, shape in marks["name, fn, shape"]:
-            kd.LONG_ROW_PARTS, kd.LONG_ROW_INTERLEAVE = parts, 2
+            kd.LONG_ROW_PARTS = parts
             runner(fn, np.zeros(shape, np.float32))
-    kd.LONG_ROW_PARTS, kd.LONG_ROW_INTERLEAVE = keep
+    kd.LONG_ROW_PARTS = keep
     from flame.codegen.cache import cache_dir
     n = len(os.listdir(os.path.join(cache_dir(), "cubin")))
     print(f"compiled in {time.time() - t0:.0f}s; {n} cubins in {cache_dir()}")

@@ -16,10 +16,9 @@ Every float constant is typed (np.float32(...)), so float32 kernels compile to f
 from __future__ import annotations
 
 import math
-import re
 
 from ..ir import dtypes as dt
-from .kernel import _TOK, Described, drop_unused, literal, row_steps, unravel
+from .kernel import Described, drop_unused, literal, row_steps, unravel
 from .prelude import CUDA_PRELUDE as PRELUDE   # the helpers, shared with the CPU renderer
 
 
@@ -72,7 +71,7 @@ def launch_dims(desc: Described, block: int):
     """(grid, block) for this kernel."""
     if block_per_row(desc):
         rpb = rows_per_block(desc, block)
-        return -(-desc.n_outer // (rpb * desc.row_interleave)) * desc.row_parts, rpb * desc.row_threads
+        return -(-desc.n_outer // rpb) * desc.row_parts, rpb * desc.row_threads
     per = ELEMENTWISE_BLOCK * per_thread(desc)
     return -(-desc.n_outer // per), ELEMENTWISE_BLOCK
 
@@ -139,17 +138,12 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
     if not T:
         raise ValueError(f"{name} was described for the CPU; describe(kernel, block) for the GPU")
     rpb = rows_per_block(desc, block)
-    P, slots, R = desc.row_parts, block_slots(desc), desc.row_interleave
+    P, slots = desc.row_parts, block_slots(desc)
     inames = {d: f"ri{d}" for d in desc.inner_dims}
     ind = "    "
     out = [jit_line(desc, block), f"def {name}({', '.join(p[0] for p in desc.params)}):",
            ind + "tid = cuda.threadIdx.x"]
-    first_row = "o"
-    if R > 1:   # rows R * c + a of cluster (block) c, each block its part of each
-        out += [ind + (f"c = cuda.blockIdx.x // {P}" if P > 1 else "c = cuda.blockIdx.x")]
-        out += [ind + f"part = cuda.blockIdx.x % {P}"] * (P > 1) + [ind + "lane = tid"]
-        first_row = f"c * {R}"
-    elif P > 1:   # a cluster of P blocks a row (rpb is 1), block `part` its slots from part * slots
+    if P > 1:   # a cluster of P blocks a row (rpb is 1), block `part` its slots from part * slots
         out += [ind + f"o = cuda.blockIdx.x // {P}", ind + f"part = cuda.blockIdx.x % {P}", ind + "lane = tid"]
     elif rpb == 1:
         out += [ind + "o = cuda.blockIdx.x", ind + "lane = tid"]
@@ -158,9 +152,11 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
     else:
         out += [ind + f"o = cuda.blockIdx.x * {rpb} + tid // {T}", ind + f"lane = tid % {T}"]
     ragged = n_out % rpb != 0
-    steps = row_steps(desc)
-    stages = [s for s in steps if isinstance(s, list)]
-    merged = one_pass_moments(desc, steps)
+    if ragged:   # the last block's spare rows redo the last row (they must join its shuffles) but store nothing
+        out += [ind + f"valid = o < {n_out}", ind + "if not valid:", ind + f"    o = {n_out - 1}"]
+    out += [ind + l for l in unravel("o", desc.outer_dims, k.full, {d: f"o{d}" for d in desc.outer_dims})]
+    for arr, d in desc.row_cache.items():   # the row's elements this thread holds
+        out.append(ind + f"{arr} = cuda.local.array({slots}, {NUMBA_TYPE[d]})")
 
     def strided(body, tail, guard=""):
         first = f"(part * {slots} + j)" if P > 1 else "j"
@@ -171,104 +167,50 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
             lines.append(pre + f"if {cond}:")
             pre += "    "
         lines += [pre + l for l in unravel("r", desc.inner_dims, k.full, inames)]
-        lines += [pre + l for l in body]
+        lines += [pre + l for l in body.lines]
         return lines + [pre + t for t in tail]
 
-    def one_row(o, last_row):
-        """(head, rest) of row `o`'s lines. The head: its coordinates, its registers and,
-        with several rows at once, a loop loading the elements it keeps (every row's head
-        comes before any row's rest). With one row at a time the first stage's loop loads."""
-        head = [f"o = {o}"] if R > 1 else []
-        if ragged:   # the last block's spare rows redo the last row (they must join its shuffles) but store nothing
-            head += [f"valid = o < {n_out}", "if not valid:", f"    o = {n_out - 1}"]
-        head = [ind + l for l in head + unravel("o", desc.outer_dims, k.full, {d: f"o{d}" for d in desc.outer_dims})]
-        for arr, d in desc.row_cache.items():   # the row's elements this thread holds
-            head.append(ind + f"{arr} = cuda.local.array({slots}, {NUMBA_TYPE[d]})")
-        loads, out, skip = [], [], set()
-        for at, step in enumerate(steps):
-            if at in skip:
-                continue
-            if not isinstance(step, list):
-                out.append(ind + step)
-                continue
-            reds = [desc.reductions[i] for i in step]   # one stage: one loop, one barrier
-            inits, updates, results = _stage(reds)
-            body = reds[0][3].lines
-            if R > 1 and step is stages[0]:   # its loads first, for every row; then the loop over registers
-                loads, body = strided(_cache_loads(body), []), _from_cache(body, updates)
-            out += [ind + l for l in inits] + strided(body, updates)
-            pairs, last = {}, step is stages[-1]
-            if at in merged:
-                # the next stage sums squared deviations from this one's mean: each thread takes
-                # them from its own elements' mean (the sum's result scaled so that the lines
-                # between compute it), and the partial (sum, deviations) combine by Chan's formula
-                b, i, q = merged[at]
-                between = steps[at + 1:b]
-                qred = desc.reductions[q]
-                q_inits, q_updates, q_results = _stage([qred])
-                s_acc, s_res, d = desc.reductions[i][0], desc.reductions[i][5], desc.reductions[i][2]
-                out += [ind + l for l in [f"{s_res} = {s_acc} * {literal(P * T, d)}"] + between + q_inits]
-                out += strided(qred[3].lines, q_updates)
-                reds, pairs, last = reds + [qred], {qred[0]: s_acc}, steps[b] is stages[-1]
-                results, skip = results + between + q_results, set(range(at + 1, b + 1))
-            out += [ind + l for l in _combine_row(reds, pairs, T, rpb, P, slots)]
-            if P > 1:
-                out += _cluster_combine(reds, pairs, P, T * slots, last and last_row)
-            out += [ind + l for l in results]
-        ok = "valid" if ragged else ""
-        for param, idx, val, d in desc.row_stores:
-            cond = "lane == 0" + (" and valid" if ragged else "") + (" and part == 0" if P > 1 else "")
-            out += [ind + f"if {cond}:", ind + f"    {param}[{idx}] = {_store(d, val)}"]
-        if desc.full_store is not None:
-            body, idx, vals = desc.full_store
-            out += strided(body.lines, [f"{param}[{idx}] = {_store(d, val)}" for param, val, d in vals], ok)
-        return head + loads, out
-
-    rows = [one_row(f"{first_row} + {a}" if a else first_row, a == R - 1) for a in range(R)]
-    rows = [rows[0]] + [_renamed(row, f"_{a}") for a, row in enumerate(rows) if a]
-    out += [l for head, _ in rows for l in head] + [l for _, rest in rows for l in rest]
+    steps = row_steps(desc)
+    stages = [s for s in steps if isinstance(s, list)]
+    merged = one_pass_moments(desc, steps)
+    skip = set()
+    for at, step in enumerate(steps):
+        if at in skip:
+            continue
+        if not isinstance(step, list):
+            out.append(ind + step)
+            continue
+        reds = [desc.reductions[i] for i in step]   # one stage: one loop, one barrier
+        inits, updates, results = _stage(reds)
+        out += [ind + l for l in inits] + strided(reds[0][3], updates)
+        pairs, last = {}, step is stages[-1]
+        if at in merged:
+            # the next stage sums squared deviations from this one's mean: each thread takes
+            # them from its own elements' mean (the sum's result scaled so that the lines
+            # between compute it), and the partial (sum, deviations) combine by Chan's formula
+            b, i, q = merged[at]
+            between = steps[at + 1:b]
+            qred = desc.reductions[q]
+            q_inits, q_updates, q_results = _stage([qred])
+            s_acc, s_res, d = desc.reductions[i][0], desc.reductions[i][5], desc.reductions[i][2]
+            out += [ind + l for l in [f"{s_res} = {s_acc} * {literal(P * T, d)}"] + between + q_inits]
+            out += strided(qred[3], q_updates)
+            reds, pairs, last = reds + [qred], {qred[0]: s_acc}, steps[b] is stages[-1]
+            results, skip = results + between + q_results, set(range(at + 1, b + 1))
+        out += [ind + l for l in _combine_row(reds, pairs, T, rpb, P, slots)]
+        if P > 1:
+            out += _cluster_combine(reds, pairs, P, T * slots, last)
+        out += [ind + l for l in results]
+    ok = "valid" if ragged else ""
+    for param, idx, val, d in desc.row_stores:
+        cond = "lane == 0" + (" and valid" if ragged else "") + (" and part == 0" if P > 1 else "")
+        out += [ind + f"if {cond}:", ind + f"    {param}[{idx}] = {_store(d, val)}"]
+    if desc.full_store is not None:
+        body, idx, vals = desc.full_store
+        out += strided(body, [f"{param}[{idx}] = {_store(d, val)}" for param, val, d in vals], ok)
     if P > 1 and stages:   # no block leaves while another may still read its shared memory
         out.append(ind + "cluster_wait()")
     return "\n".join(drop_unused(out)) + "\n"
-
-
-_STORE_RC = re.compile(r"(rc_\w+)\[j\] = (\w+)$")
-_DEF = re.compile(r"\s*([A-Za-z_]\w*) = ")
-
-
-def _live(lines, tail) -> list:
-    """`lines` (a loop body) less the assignments that neither a later line nor `tail`
-    reads; stores into arrays stay."""
-    need, kept = set(_TOK.findall(" ".join(tail))), []
-    for l in reversed(lines):
-        m = _DEF.match(l)
-        if m and m.group(1) not in need:
-            continue
-        kept.append(l)
-        need.update(_TOK.findall(l[m.end():] if m else l))
-    return kept[::-1]
-
-
-def _cache_loads(body) -> list:
-    """A first stage's loop body cut down to loading the elements it keeps in registers."""
-    return _live([l for l in body if _DEF.match(l) or _STORE_RC.match(l)], [])
-
-
-def _from_cache(body, tail) -> list:
-    """The loop body reading the elements _cache_loads loaded from registers."""
-    cached = {m.group(2): m.group(1) for l in body if (m := _STORE_RC.match(l))}
-    lines = [f"{m.group(1)} = {cached[m.group(1)]}[j]" if (m := _DEF.match(l)) and m.group(1) in cached else l
-             for l in body if not _STORE_RC.match(l)]
-    return _live(lines, tail)
-
-
-def _renamed(row, suffix):
-    """A row's lines with every name they assign (its coordinates, registers, accumulators,
-    shared arrays) suffixed, so that the rows a block holds at once keep theirs apart."""
-    head, rest = row
-    names = {m.group(1) for l in head + rest if (m := re.match(r"\s*(?:for\s+)?([A-Za-z_]\w*)(?: = | in )", l))}
-    pattern = re.compile(r"(?<![\w.])(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b")
-    return tuple([pattern.sub(lambda m: m.group(1) + suffix, l) for l in part] for part in (head, rest))
 
 
 def block_slots(desc: Described) -> int:

@@ -125,7 +125,6 @@ class Described:
     cache_slots: int = 0
     row_threads: int = 0    # GPU threads that share one row (0: not a block-per-row kernel)
     row_parts: int = 1      # GPU blocks per row, one thread block cluster (see LONG_ROW_BLOCKS)
-    row_interleave: int = 1  # long rows a block (cluster) holds at once (see LONG_ROW_INTERLEAVE)
     # index of a reduction summing squared deviations from another's mean -> that one's index
     # (see squared_deviations): the GPU renderer may take both in one pass over the row
     deviations: dict = field(default_factory=dict)
@@ -143,12 +142,9 @@ class Described:
 
 
 class Describer:
-    def __init__(self, kernel: Kernel, row_block: int = 0, prefetch: dict = None, long_row_parts: int = 1,
-                 long_row_interleave: int = 1):
+    def __init__(self, kernel: Kernel, row_block: int = 0, prefetch: dict = None, long_row_parts: int = 1):
         """row_block: at most this many GPU threads share a row (0: the CPU renderer); see
-        row_threads. long_row_parts: at most this many blocks (a cluster) share a long row;
-        long_row_interleave: a block holds parts of this many long rows at once, where that
-        keeps the grid's blocks (long_row_layout).
+        row_threads. long_row_parts: at most this many blocks (a cluster) share a long row.
         When each thread has at most ROW_CACHE_SLOTS elements of its row, it keeps those it
         loads in registers (rc_* local arrays), so later passes over the row (variance after
         mean, normalise after both) do not read memory again.
@@ -173,22 +169,17 @@ class Describer:
         rows = bool(raxes) and (len(full) - 1) in raxes
         self.row_threads = row_threads(n_inner, row_block) if rows and row_block else 0
         slots = -(-n_inner // self.row_threads) if self.row_threads else 0
-        most, self.cache_arrays, self.row_parts, self.row_interleave = ROW_CACHE_SLOTS, 1 << 30, 1, 1
+        most, self.cache_arrays, self.row_parts = ROW_CACHE_SLOTS, 1 << 30, 1
         n_outer = math.prod(full[d] for d in self.outer_dims)
-        parts, rows = long_row_layout(n_outer, long_row_parts, long_row_interleave)
+        parts = max(1, min(long_row_parts, LONG_ROW_BLOCKS // n_outer))
         part_slots = -(-(-(-n_inner // LONG_ROW_THREADS)) // parts)   # a block's, of a long row
-        if slots > ROW_CACHE_SLOTS and (rows * part_slots > LONG_ROW_SLOTS or LONG_ROW_THREADS < row_block):
-            # several rows at once only where they fit the registers and a row takes a whole
-            # block (and, see describe, where they keep as many inputs in registers)
-            parts, rows = long_row_layout(n_outer, long_row_parts, 1)
-            part_slots = -(-(-(-n_inner // LONG_ROW_THREADS)) // parts)
         if slots > ROW_CACHE_SLOTS and part_slots <= LONG_ROW_SLOTS:
             # a long row (a group_norm group) is held by one block of the most threads, or by
-            # a cluster of `parts` of them, each holding its part (of `rows` rows)
-            self.row_threads, most, self.row_parts, self.row_interleave = LONG_ROW_THREADS, LONG_ROW_SLOTS, parts, rows
+            # a cluster of `parts` of them, each holding its part
+            self.row_threads, most, self.row_parts = LONG_ROW_THREADS, LONG_ROW_SLOTS, parts
             slots = part_slots
-            # within its 64 registers a thread holds LONG_ROW_SLOTS elements (of all its rows)
-            self.cache_arrays = LONG_ROW_SLOTS // (rows * slots)
+            # within its 64 registers a thread holds LONG_ROW_SLOTS elements
+            self.cache_arrays = LONG_ROW_SLOTS // slots
         self.cache_slots = slots if 1 <= slots <= most else 0   # a thread's, in its block's part
         self.cached = {}     # node id -> (local array name, dtype)
         # (coords, shape) -> a simpler expression of lin(coords, shape): the loop's own flat
@@ -509,7 +500,7 @@ class Describer:
         desc.row_cache = dict(self.cached.values())
         desc.cache_slots = self.cache_slots
         desc.row_threads = self.row_threads
-        desc.row_parts, desc.row_interleave = self.row_parts, self.row_interleave
+        desc.row_parts = self.row_parts
         # outputs last: reads in order of first use, then the written buffer
         desc.params = [p for p in self.param_list if p[2] == "read"] + \
                       [p for p in self.param_list if p[2] == "write"]
@@ -563,30 +554,7 @@ LONG_ROW_SLOTS = 48
 # combine their partial sums through each other's shared memory (cluster.py).
 LONG_ROW_BLOCKS = 132
 LONG_ROW_PARTS = 4
-# A block's loads, its block's exchange and its stores follow one another, and while the
-# blocks exchange a row's partial sums memory idles. With LONG_ROW_INTERLEAVE rows to a
-# cluster (each block loading its part of every one first) a row's exchange overlaps the
-# next row's loads and the previous row's stores. Only where the grid keeps its blocks
-# (long_row_layout): 64 rows on 128 blocks as 32 clusters of 4, not 32 clusters of 2; and
-# where the registers keep as many of a row's inputs as with one row (describe).
-# Off (1) until timed on a GPU: it is tested in the simulator (one block a row) and compiled
-# for sm_90, but no GPU could be started to time it against one row a cluster
-# (gpu_bench --only long_rows times both).
-LONG_ROW_INTERLEAVE = 1
 ROW_ELEMENTS = 8    # elements of a row per GPU thread to aim for: loads in flight, short reductions
-
-
-def long_row_layout(n_outer: int, most_parts: int, interleave: int) -> tuple:
-    """(blocks a cluster, rows it holds at once) for n_outer long rows: up to most_parts
-    blocks a cluster to fill LONG_ROW_BLOCKS blocks; `interleave` rows at once where they
-    divide n_outer and leave as many blocks as one row a cluster would (up to LONG_ROW_BLOCKS)."""
-    def parts(rows):
-        return max(1, min(most_parts, rows * LONG_ROW_BLOCKS // n_outer))
-    one = parts(1)
-    if interleave > 1 and n_outer % interleave == 0 and \
-            n_outer // interleave * parts(interleave) >= min(n_outer * one, LONG_ROW_BLOCKS):
-        return parts(interleave), interleave
-    return one, 1
 
 
 def row_threads(n_inner: int, block: int) -> int:
@@ -602,27 +570,19 @@ def row_threads(n_inner: int, block: int) -> int:
 ROW_PREFETCH = True
 
 
-def describe(kernel: Kernel, row_block: int = 0, long_row_parts: int = 1, long_row_interleave: int = 1) -> Described:
+def describe(kernel: Kernel, row_block: int = 0, long_row_parts: int = 1) -> Described:
     """The kernel's description. A GPU row kernel whose later passes first load row elements
     it keeps in registers (a softmax backward's upstream gradient, read after the max and
     the sum) is described again with those loads in the first pass: all of a row's loads are
-    then in flight together, not one batch after each barrier. long_row_parts and
-    long_row_interleave: see Describer; a row whose reductions have a type the blocks cannot
-    exchange (booleans) stays on one block, and rows stay one at a time where several would
-    keep fewer of a row's inputs in registers."""
-    d = Describer(kernel, row_block, long_row_parts=long_row_parts, long_row_interleave=long_row_interleave)
+    then in flight together, not one batch after each barrier. long_row_parts: see
+    Describer; a row whose reductions have a type the blocks cannot exchange (booleans) stays
+    on one block."""
+    d = Describer(kernel, row_block, long_row_parts=long_row_parts)
     desc = d.describe()
     if desc.row_parts > 1 and any(r[2].name not in EXCHANGED for r in desc.reductions):
         return describe(kernel, row_block, 1)
     if ROW_PREFETCH and d.late_loads:
-        desc = Describer(kernel, row_block, prefetch=d.late_loads, long_row_parts=long_row_parts,
-                         long_row_interleave=long_row_interleave).describe()
-    if desc.row_interleave > 1:
-        # several rows at once share a thread's registers: not where that leaves an input
-        # of the row in memory that one row at a time keeps (read again on every pass)
-        one = describe(kernel, row_block, long_row_parts, 1)
-        if len(one.row_cache) > len(desc.row_cache):
-            return one
+        return Describer(kernel, row_block, prefetch=d.late_loads, long_row_parts=long_row_parts).describe()
     return desc
 
 
@@ -671,7 +631,7 @@ def unravel(var: str, dims: tuple, full: tuple, names: dict) -> list:
     return [f"{names[d]} = {e}" for d, e in zip(dims, split_flat(var, tuple(full[d] for d in dims)))]
 
 
-_ASSIGN = re.compile(r"\s*((?:o|ri|i|v|c)\d+(?:_\d+)?) = ")   # (_a: the a-th row a block holds, cuda._renamed)
+_ASSIGN = re.compile(r"\s*((?:o|ri|i|v|c)\d+) = ")
 
 
 def drop_unused(lines: list) -> list:

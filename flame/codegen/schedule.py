@@ -47,8 +47,7 @@ def make_schedule(graph: Graph, target: str = "cpu", block: int = 256, clusters:
     kernels = fuse(graph)
     row_block = block if target != "cpu" else 0
     parts = kernel_desc.LONG_ROW_PARTS if target == "cuda" and clusters else 1
-    interleave = kernel_desc.LONG_ROW_INTERLEAVE if target != "cpu" else 1
-    descs = {k.root.id: describe(k, row_block, parts, interleave) for k in kernels
+    descs = {k.root.id: describe(k, row_block, parts) for k in kernels
              if k.kind != "L" and arena.alias_of(k) is None}
     plan = arena.plan_graph(graph, kernels, {r: d.in_place_candidates() for r, d in descs.items()})
     return Schedule(graph, kernels, descs, plan, target, block)
