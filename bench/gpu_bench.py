@@ -353,6 +353,8 @@ def main():
                "block": bench_block, "long_rows": bench_long_rows, "sweep": bench_sweep}
     # --only's order is the run's (the figures that matter most first, in case a time limit cuts it)
     names = args.only.split(",") if args.only else [n for n in benches if args.sweep or n not in ("sweep", "long_rows")]
+    if set(names) - set(benches):
+        ap.error(f"--only: no benchmark {', '.join(sorted(set(names) - set(benches)))} (there are {', '.join(benches)})")
     for name in names:
         fn = benches[name]
         try:
