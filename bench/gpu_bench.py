@@ -347,14 +347,14 @@ def main():
     ap.add_argument("--only", default="")
     ap.add_argument("--sweep", action="store_true", help="also time the renderer's tunables")
     args = ap.parse_args()
-    print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-    bench_copy()
     benches = {"elementwise": bench_elementwise, "rows": bench_rows, "gemm": bench_gemm, "conv": bench_conv,
                "block": bench_block, "long_rows": bench_long_rows, "sweep": bench_sweep}
     # --only's order is the run's (the figures that matter most first, in case a time limit cuts it)
     names = args.only.split(",") if args.only else [n for n in benches if args.sweep or n not in ("sweep", "long_rows")]
     if set(names) - set(benches):
         ap.error(f"--only: no benchmark {', '.join(sorted(set(names) - set(benches)))} (there are {', '.join(benches)})")
+    print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    bench_copy()
     for name in names:
         fn = benches[name]
         try:
