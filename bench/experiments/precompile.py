@@ -1,6 +1,7 @@
 """Compile, on a machine without a GPU, the sm_90 kernels that run_all.sh's benchmark
-(`gpu_bench --only long_rows,rows`) and GPU cluster tests will load, into FLAME_CACHE_DIR
-(default .fc, which device_run.sh reads): a lent GPU's minutes then go to timing, not NVVM.
+(`gpu_bench --only long_rows,rows`), GPU cluster tests and experiment will load, into
+FLAME_CACHE_DIR (default .fc, which device_run.sh reads): a lent GPU's minutes then go to
+timing, not NVVM.
 Carry .fc with the call. A cubin's cache key is the kernel's source, architecture, dtypes and
 numba-cuda's version, so the GPU machine (numba-cuda 0.30.4) finds what was compiled here.
     FLAME_CACHE_DIR=.fc PYTHONPATH=.:bench python bench/experiments/precompile.py"""
@@ -31,7 +32,7 @@ def main():
     gb.COPY_GBPS["hbm"] = float("nan")
     gb.bench_long_rows()
     gb.bench_rows()
-    sys.path.insert(0, "tests")
+    sys.path[:0] = ["tests", "bench/experiments"]
     from flame.codegen import kernel as kd
     import test_gpu
     test = test_gpu.test_rows_on_a_cluster_of_blocks_match_interpreter_launch_after_launch
@@ -42,6 +43,11 @@ def main():
             kd.LONG_ROW_PARTS = parts
             runner(fn, np.zeros(shape, np.float32))
     kd.LONG_ROW_PARTS = keep
+    import rows_pipeline   # the experiment's hand-written kernels (x in, y out, float32)
+    from flame.codegen.ptx import kernel_cubin
+    from flame.ir import dtypes as dt
+    for v in rows_pipeline.VARIANTS:
+        kernel_cubin("kernel", rows_pipeline.gen(**v)[0], [dt.f32, dt.f32], CC)
     from flame.codegen.cache import cache_dir
     n = len(os.listdir(os.path.join(cache_dir(), "cubin")))
     print(f"compiled in {time.time() - t0:.0f}s; {n} cubins in {cache_dir()}")

@@ -6,6 +6,9 @@ the generated one (one kernel in a CUDA graph), varying
      of row a+1)
   P  blocks a cluster, T threads a block, W floats a load/store instruction (1, 2 or 4)
   X  the cluster exchange straight from the warps' shared slots (no block-level stage)
+  K  plain sums of x - k and (x - k)^2, k the row's first element (every thread loads it),
+     instead of Chan's combine: what the butterfly's dependent arithmetic costs (float32
+     loses precision where |mean - k| is large against the spread: a timing probe only)
     PYTHONPATH=.:bench python bench/experiments/rows_pipeline.py"""
 import sys
 
@@ -18,16 +21,22 @@ from flame.codegen.cuda import CLUSTER_IMPORT
 import gpu_bench as gb
 
 N, ROWS = 40960, 64
+# timed on an H100 on 2026-12-07 (docs/PERFORMANCE.md): W=4 and X no faster than the generated
+# kernel; R=2, P=4 (0.0194 ms against 0.0125) slower, so no longer run
+VARIANTS = [dict(R=1, P=2, T=1024, W=1, K=True), dict(R=1, P=2, T=1024, W=4), dict(R=1, P=2, T=1024, W=1, X=True)]
 
 
-def chan(lines, ind, s, q, ts, tq, na, nb):
-    """(s, q) over na elements joined by (ts, tq) over nb: Chan's formula."""
+def chan(lines, ind, s, q, ts, tq, na, nb, plain=False):
+    """(s, q) over na elements joined by (ts, tq) over nb: Chan's formula (plain: sums)."""
+    if plain:
+        lines += [ind + f"{q} = {q} + {tq}", ind + f"{s} = {s} + {ts}"]
+        return
     lines += [ind + f"d_ = {s} * np.float32({nb / (na + nb)}) - {ts} * np.float32({na / (na + nb)})",
               ind + f"{q} = ({q} + {tq}) + d_ * d_ * np.float32({(na + nb) / (na * nb)})",
               ind + f"{s} = {s} + {ts}"]
 
 
-def gen(R, P, T, W, X=False):
+def gen(R, P, T, W, X=False, K=False):
     E = N // P
     S = E // T
     V = S // W
@@ -45,13 +54,17 @@ def gen(R, P, T, W, X=False):
         else:
             L += [ind + f"    v = ld{W}(p0, i)"] + [ind + f"    x{a}[j * {W} + {k}] = v[{k}]" for k in range(W)]
     for a in range(R):
-        L += [ind + "s = np.float32(0)", ind + f"for j in range({S}):", ind + f"    s += x{a}[j]",
-              ind + f"m = s * np.float32({1 / S})", ind + "q = np.float32(0)",
-              ind + f"for j in range({S}):", ind + f"    d = x{a}[j] - m", ind + "    q += d * d"]
+        if K:   # sums around the row's first element
+            L += [ind + f"k = p0[(c * {R} + {a}) * {N}]", ind + "s = np.float32(0)", ind + "q = np.float32(0)",
+                  ind + f"for j in range({S}):", ind + f"    d = x{a}[j] - k", ind + "    s += d", ind + "    q += d * d"]
+        else:
+            L += [ind + "s = np.float32(0)", ind + f"for j in range({S}):", ind + f"    s += x{a}[j]",
+                  ind + f"m = s * np.float32({1 / S})", ind + "q = np.float32(0)",
+                  ind + f"for j in range({S}):", ind + f"    d = x{a}[j] - m", ind + "    q += d * d"]
         n, msk = S, 16
         while msk:
             L += [ind + f"ts = _shfl_xor(s, {msk})", ind + f"tq = _shfl_xor(q, {msk})"]
-            chan(L, ind, "s", "q", "ts", "tq", n, n)
+            chan(L, ind, "s", "q", "ts", "tq", n, n, K)
             n, msk = 2 * n, msk // 2
         L += [ind + f"ss{a} = cuda.shared.array({warps}, numba.float32)",
               ind + f"sq{a} = cuda.shared.array({warps}, numba.float32)",
@@ -61,31 +74,35 @@ def gen(R, P, T, W, X=False):
             msk = warps // 2
             while msk:
                 L += [ind + f"ts = _shfl_xor(s, {msk})", ind + f"tq = _shfl_xor(q, {msk})"]
-                chan(L, ind, "s", "q", "ts", "tq", n, n)
+                chan(L, ind, "s", "q", "ts", "tq", n, n, K)
                 n, msk = 2 * n, msk // 2
             L += [ind + f"cs{a} = cuda.shared.array(1, numba.float32)", ind + f"cq{a} = cuda.shared.array(1, numba.float32)",
                   ind + "if tid == 0:", ind + f"    cs{a}[0] = s", ind + f"    cq{a}[0] = q",
                   ind + "cluster_sync()", ind + f"s = cluster_load(cs{a}, 0, 0)", ind + f"q = cluster_load(cq{a}, 0, 0)"]
             for r in range(1, P):
                 L += [ind + f"ts = cluster_load(cs{a}, 0, {r})", ind + f"tq = cluster_load(cq{a}, 0, {r})"]
-                chan(L, ind, "s", "q", "ts", "tq", r * n, n)
+                chan(L, ind, "s", "q", "ts", "tq", r * n, n, K)
         else:   # each lane reads warp slot (lane % warps) of every block of the cluster
             L += [ind + "cluster_sync()", ind + f"w_ = tid % {warps}",
                   ind + f"s = cluster_load(ss{a}, w_, 0)", ind + f"q = cluster_load(sq{a}, w_, 0)"]
             for r in range(1, P):
                 L += [ind + f"ts = cluster_load(ss{a}, w_, {r})", ind + f"tq = cluster_load(sq{a}, w_, {r})"]
-                chan(L, ind, "s", "q", "ts", "tq", r * n, n)
+                chan(L, ind, "s", "q", "ts", "tq", r * n, n, K)
             n *= P
             msk = warps // 2
             while msk:
                 L += [ind + f"ts = _shfl_xor(s, {msk})", ind + f"tq = _shfl_xor(q, {msk})"]
-                chan(L, ind, "s", "q", "ts", "tq", n, n)
+                chan(L, ind, "s", "q", "ts", "tq", n, n, K)
                 n, msk = 2 * n, msk // 2
         if a == R - 1:
             L += [ind + "cluster_arrive()"]
-        L += [ind + f"mean = s * np.float32({1 / N})",
-              ind + f"rstd = np.float32(1) / math.sqrt(q * np.float32({1 / N}) + np.float32(1e-5))",
-              ind + f"for j in range({V}):", ind + f"    i = base{a} + (tid + (part * {V} + j) * {T}) * {W}"]
+        if K:   # mean = k + s / N, variance = q / N - (s / N)^2
+            L += [ind + f"ds = s * np.float32({1 / N})", ind + "mean = k + ds",
+                  ind + f"rstd = np.float32(1) / math.sqrt(q * np.float32({1 / N}) - ds * ds + np.float32(1e-5))"]
+        else:
+            L += [ind + f"mean = s * np.float32({1 / N})",
+                  ind + f"rstd = np.float32(1) / math.sqrt(q * np.float32({1 / N}) + np.float32(1e-5))"]
+        L += [ind + f"for j in range({V}):", ind + f"    i = base{a} + (tid + (part * {V} + j) * {T}) * {W}"]
         if W == 1:
             L += [ind + f"    out[i] = (x{a}[j] - mean) * rstd"]
         else:
@@ -108,9 +125,7 @@ def main():
     (kname,) = [k for k in fr.sources]
     d = [fr.descs[k.root.id] for k in fr.kernels if fr.schedule.runs(k)][0]
     ptrs = [fr.ptr(p[1].id) for p in d.params]
-    variants = [dict(R=1, P=2, T=1024, W=4), dict(R=1, P=2, T=1024, W=1, X=True),
-                dict(R=2, P=4, T=1024, W=1), dict(R=2, P=4, T=1024, W=2), dict(R=2, P=4, T=1024, W=2, X=True)]
-    for v in variants:
+    for v in VARIANTS:
         src, grid, block, cluster = gen(**v)
         try:
             kern = fr._compile(f"exp_{len(gb.ROWS)}", src, [p[1].dtype for p in d.params])
