@@ -55,7 +55,7 @@ def gen(R, P, T, W, X=False, K=False):
             L += [ind + f"    v = ld{W}(p0, i)"] + [ind + f"    x{a}[j * {W} + {k}] = v[{k}]" for k in range(W)]
     for a in range(R):
         if K:   # sums around the row's first element
-            L += [ind + f"k = p0[(c * {R} + {a}) * {N}]", ind + "s = np.float32(0)", ind + "q = np.float32(0)",
+            L += [ind + f"k = p0[base{a}]", ind + "s = np.float32(0)", ind + "q = np.float32(0)",
                   ind + f"for j in range({S}):", ind + f"    d = x{a}[j] - k", ind + "    s += d", ind + "    q += d * d"]
         else:
             L += [ind + "s = np.float32(0)", ind + f"for j in range({S}):", ind + f"    s += x{a}[j]",
