@@ -7,6 +7,7 @@
 #   .old/ (optional)           an earlier flame/ and bench/, benchmarked first on the same card
 #                              (git archive <commit> flame bench | tar -x -C .old)
 #   OLD_BENCH="--only rows"    its benchmark's arguments (default: elementwise, rows, block)
+#   BENCH_TIMEOUT=300          seconds the benchmark may run
 # The benchmark runs before the tests (a run cut by its time limit keeps the figures).
 # Logs and JSON results go to $OUT.
 set -uo pipefail
@@ -24,7 +25,7 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 if [ "${BENCH:-}" != skip ]; then
   echo "== bench"
-  timeout 300 python3 bench/gpu_bench.py ${BENCH:-} --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+  timeout "${BENCH_TIMEOUT:-300}" python3 bench/gpu_bench.py ${BENCH:-} --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
   echo "bench exit $?"; sed -n '/^| bench/,$p' "$OUT/bench.log"
 fi
 if [ -n "${TESTS-tests/test_gpu.py}" ]; then

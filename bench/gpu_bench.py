@@ -2,8 +2,10 @@
 
     PYTHONPATH=. python bench/gpu_bench.py [--out results.json] [--quick]
 
-Times are medians of CUDA-event-timed repetitions after warm-up; flame runs its captured
-CUDA graph (device-resident inputs, no host copies), torch runs eager on the same inputs."""
+Times are medians of CUDA-event-timed repetitions after warm-up, all enqueued behind a gate so
+the events bracket device work only (bench/timing.py; --timing launch: the older timing, one
+launch at a time, which counts the host's launch call); flame runs its captured CUDA graph
+(device-resident inputs, no host copies), torch runs eager on the same inputs."""
 from __future__ import annotations
 
 import argparse
@@ -17,39 +19,18 @@ import torch
 import flame
 import flame.nn as nn
 import flame.nn.functional as F
-from flame.runtime.cuda import _ck
+import timing
 
 ROWS = []
 
 
 def median_ms_flame(runner, reps=50):
-    from cuda.bindings import driver
-    runner.replay()
-    runner.sync()
-    times = []
-    for _ in range(reps):
-        e0, e1 = _ck(driver.cuEventCreate(0)), _ck(driver.cuEventCreate(0))
-        _ck(driver.cuEventRecord(e0, runner.hstream))
-        runner.replay()
-        _ck(driver.cuEventRecord(e1, runner.hstream))
-        _ck(driver.cuEventSynchronize(e1))
-        times.append(_ck(driver.cuEventElapsedTime(e0, e1)))
-    return float(np.median(times))
+    """Device time of one graph replay (bench/timing.py: gated unless --timing launch)."""
+    return timing.median_ms(runner.replay, runner.hstream, reps)
 
 
 def median_ms_torch(fn, reps=50):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(np.median(times))
+    return timing.median_ms(fn, torch.cuda.current_stream().cuda_stream, reps)
 
 
 def flame_runner(fn, *inputs, **opts):
@@ -291,7 +272,7 @@ class TorchBlock(torch.nn.Module):
         return x + a.transpose(1, 2).reshape(n, c, h, w)
 
 
-def bench_block(with_compile=True):
+def bench_block(with_compile=True, compile_only=None):
     flame.manual_seed(0)
     model = Block()
     x, t = rnd(2, 64, 16, 16), rnd(2, 64, 16, 16)
@@ -300,10 +281,14 @@ def bench_block(with_compile=True):
     def step(x, t):
         loss, grads = flame.value_and_grad(lambda x, t: F.mse_loss(model(x), t), params=model)(x, t)
         return loss, {k: p - lr * grads[k] for k, p in model.named_parameters()}
-    c = flame.compile(step, x, t, backend="cuda")
+    c = flame.compile(step, x, t, backend="cuda", options={"compile_only": compile_only} if compile_only else None)
+    if compile_only:   # bench/experiments/precompile.py
+        return
     fr = c.runner
     fr.upload(c.feeds((x, t)))
-    ms = median_ms_flame(fr)
+    # a training step is timed as a loop runs it: steps back to back, host included
+    ms = timing.stream_ms(fr.replay, fr.hstream)
+    torch_ms = lambda fn: timing.stream_ms(fn, torch.cuda.current_stream().cuda_stream)
     # host cost of a replay: wall time of launching the graph, per captured launch
     fr.replay(); fr.sync()
     t0 = time.perf_counter()
@@ -324,16 +309,17 @@ def bench_block(with_compile=True):
         loss = torch.nn.functional.mse_loss(m(tx), tt)
         loss.backward()
         opt.step()
-    eager = median_ms_torch(tstep)
+    eager = torch_ms(tstep)
     row("block train step 2x64x16x16 (vs torch eager)", ms, eager,
-        note=f"{fr.launches} launches in 1 CUDA graph; host {1e6 * host / max(fr.launches, 1):.2f} us/launch at replay")
+        note=f"{fr.launches} launches in 1 CUDA graph; host {1e6 * host / max(fr.launches, 1):.2f} us/launch at replay; "
+             "mean of 50 steps back to back")
     if with_compile:
         try:
             cm = torch.compile(tm)
             t0 = time.time()
             tstep(cm)
             torch.cuda.synchronize()
-            row("block train step 2x64x16x16 (vs torch.compile)", ms, median_ms_torch(lambda: tstep(cm)),
+            row("block train step 2x64x16x16 (vs torch.compile)", ms, torch_ms(lambda: tstep(cm)),
                 note=f"torch.compile warm-up {time.time() - t0:.0f}s")
         except Exception as e:
             print(f"torch.compile failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -346,7 +332,10 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--only", default="")
     ap.add_argument("--sweep", action="store_true", help="also time the renderer's tunables")
+    ap.add_argument("--timing", choices=("gated", "launch"), default="gated",
+                    help="gated: device time only (default); launch: events around each launch as submitted")
     args = ap.parse_args()
+    timing.MODE = args.timing
     benches = {"elementwise": bench_elementwise, "rows": bench_rows, "gemm": bench_gemm, "conv": bench_conv,
                "block": bench_block, "long_rows": bench_long_rows, "sweep": bench_sweep}
     # --only's order is the run's (the figures that matter most first, in case a time limit cuts it)
@@ -366,7 +355,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-                       "rows": ROWS}, f, indent=1)
+                       "timing": args.timing, "rows": ROWS}, f, indent=1)
     print("\n| bench | flame ms | torch ms | speedup (torch ms / flame ms) | note |")
     for r in ROWS:
         print(f"| {r['bench']} | {r.get('flame_ms', r.get('value', ''))} | {r.get('torch_ms', '')} | "

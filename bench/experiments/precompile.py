@@ -1,10 +1,11 @@
 """Compile, on a machine without a GPU, the sm_90 kernels that run_all.sh's benchmark
-(`gpu_bench --only long_rows,rows`), GPU cluster tests and experiment will load, into
+(`gpu_bench --only long_rows,rows`), GPU cluster tests and experiments will load, into
 FLAME_CACHE_DIR (default .fc, which device_run.sh reads): a lent GPU's minutes then go to
 timing, not NVVM.
 Carry .fc with the call. A cubin's cache key is the kernel's source, architecture, dtypes and
 numba-cuda's version, so the GPU machine (numba-cuda 0.30.4) finds what was compiled here.
-    FLAME_CACHE_DIR=.fc PYTHONPATH=.:bench python bench/experiments/precompile.py"""
+    FLAME_CACHE_DIR=.fc PYTHONPATH=.:bench python bench/experiments/precompile.py [--all]
+--all: also the kernels of gpu_bench's other benchmarks (elementwise, gemm, conv, block)."""
 import os
 import sys
 import time
@@ -32,6 +33,11 @@ def main():
     gb.COPY_GBPS["hbm"] = float("nan")
     gb.bench_long_rows()
     gb.bench_rows()
+    if "--all" in sys.argv:   # the rest of gpu_bench (its default run)
+        gb.bench_elementwise()
+        gb.bench_gemm()
+        gb.bench_conv()
+        gb.bench_block(compile_only=CC)
     sys.path[:0] = ["tests", "bench/experiments"]
     from flame.codegen import kernel as kd
     import test_gpu
@@ -48,6 +54,10 @@ def main():
     from flame.ir import dtypes as dt
     for v in rows_pipeline.VARIANTS:
         kernel_cubin("kernel", rows_pipeline.gen(**v)[0], [dt.f32, dt.f32], CC)
+    import timing_probe
+    x = gb.rnd(2, 320, 64, 64)
+    for _, fn, inp, _ in timing_probe.flame_cases(x, x):
+        runner(fn, inp)
     from flame.codegen.cache import cache_dir
     n = len(os.listdir(os.path.join(cache_dir(), "cubin")))
     print(f"compiled in {time.time() - t0:.0f}s; {n} cubins in {cache_dir()}")

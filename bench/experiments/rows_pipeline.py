@@ -22,8 +22,11 @@ import gpu_bench as gb
 
 N, ROWS = 40960, 64
 # timed on an H100 on 2026-12-07 (docs/PERFORMANCE.md): W=4 and X no faster than the generated
-# kernel; R=2, P=4 (0.0194 ms against 0.0125) slower, so no longer run
-VARIANTS = [dict(R=1, P=2, T=1024, W=1, K=True), dict(R=1, P=2, T=1024, W=4), dict(R=1, P=2, T=1024, W=1, X=True)]
+# kernel; R=2, P=4 (0.0194 ms against 0.0125) slower: the clusters that fit at once are printed
+# (clusters of 4 whole-SM blocks may not all fit, which would take a second wave). R=2, P=2
+# interleaves on 64 SMs with a cluster of 2.
+VARIANTS = [dict(R=1, P=2, T=1024, W=1, K=True), dict(R=2, P=2, T=1024, W=1), dict(R=2, P=4, T=1024, W=1),
+            dict(R=1, P=2, T=1024, W=4), dict(R=1, P=2, T=1024, W=1, X=True)]
 
 
 def chan(lines, ind, s, q, ts, tq, na, nb, plain=False):
@@ -129,6 +132,11 @@ def main():
         src, grid, block, cluster = gen(**v)
         try:
             kern = fr._compile(f"exp_{len(gb.ROWS)}", src, [p[1].dtype for p in d.params])
+            if cluster > 1:
+                from cuda.core import LaunchConfig
+                fits = kern.occupancy.max_active_clusters(
+                    LaunchConfig(grid=grid // cluster, cluster=cluster, block=block), stream=fr.stream)
+                print(f"{v}: {grid // cluster} clusters of {cluster}, {fits} fit at once", flush=True)
             fr.steps = [(fr._launcher(kern, grid, block, ptrs, cluster), 1)]
             fr.exec = None
             ms = gb.median_ms_flame(fr, reps=200)
@@ -140,6 +148,7 @@ def main():
             print("FAILED", v, type(e).__name__, str(e)[:400], flush=True)
     for r in gb.ROWS:
         print(f"| {r['bench']} | {r.get('flame_ms', r.get('torch_ms'))} | {r.get('note', '')} |")
+    print(f"timing: {gb.timing.MODE}")
 
 
 if __name__ == "__main__":
