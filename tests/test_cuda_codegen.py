@@ -23,6 +23,12 @@ rng = np.random.default_rng()
 # each graph exercises one fusion class; the simulator script below traces the same list
 GRAPHS = {
     "elementwise_chain": ("lambda x, b: ((x * 1.5 + b).tanh() * x - b).sigmoid()", [(5, 33), (33,)]),
+    # tiles of 4 x 32 outputs: a whole tile (stores after all loads), then a partial one
+    "elementwise_whole_and_partial_tiles": ("lambda x, b: ((x * 1.5 + b).tanh() * x - b).sigmoid()", [(5, 33), (33,)],
+                                            32, "cr.ELEMENTWISE_BLOCK = 32"),
+    # whole tiles only (256 = 2 x 128): two outputs, read through a transpose
+    "elementwise_whole_tiles_two_outputs": ("lambda x, b: (x.T * b, (x.T + b).exp())", [(8, 32), (8,)],
+                                            32, "cr.ELEMENTWISE_BLOCK = 32"),
     "reduce_prologue": ("lambda x, b: ((x - b) * (x - b)).sum(1)", [(5, 33), (33,)]),
     "row_softmax": ("lambda x, b: F.softmax(x + b, dim=-1)", [(5, 70), (70,)]),
     "row_layer_norm": ("lambda x, b: F.layer_norm(x, (70,), b, b)", [(6, 70), (70,)]),
@@ -255,11 +261,30 @@ def test_bf16_compute_with_float32_master_weights():
     np.testing.assert_allclose(losses["cpu_w"], losses["interp_w"], rtol=1e-5, atol=1e-6)
 
 
-def _kernel_source(fn, *shapes, block=256):
+def _kernel_source(fn, *shapes, block=256, prelude=False):
     from flame.codegen.schedule import make_schedule
     xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     sched = make_schedule(flame.compile(fn, *xs).graph, "cuda", block)
-    return {k.name: sched.source(k, with_prelude=False) for k in sched.kernels if k.root.id in sched.descs}
+    return {k.name: sched.source(k, with_prelude=prelude) for k in sched.kernels if k.root.id in sched.descs}
+
+
+@pytest.mark.parametrize("n", [1 << 20, (1 << 20) + 5])
+def test_elementwise_loads_of_a_whole_tile_are_all_before_its_stores(n, tmp_path, monkeypatch):
+    """A store may alias a later load, so a load written after it stays after it: a thread's
+    outputs are stored only once all its loads are issued (one load in flight a thread does
+    not fill HBM's pipe). A partial last tile keeps its guarded loop, after the whole ones."""
+    from flame.codegen.ptx import kernel_ptx
+    from flame.ir import dtypes as dt
+    monkeypatch.setenv("FLAME_CACHE_DIR", str(tmp_path))
+    ((name, src),) = _kernel_source(lambda x: ((x * 1.5 + 1.0).tanh() * 0.5 + x).sigmoid() * x - 0.25, (n,),
+                                    prelude=True).items()
+    ptx = kernel_ptx(name, src, [dt.f32, dt.f32])
+    blocks = re.split(r"\$L__BB\d+_\d+:", ptx[ptx.index(".entry"):])   # basic blocks
+    kinds = [re.findall(r"(ld|st)\.global", b) for b in blocks]
+    assert ["ld"] * 4 + ["st"] * 4 in kinds, kinds   # one straight block: 4 loads, then 4 stores
+    rest = sum((k for k in kinds if k != ["ld"] * 4 + ["st"] * 4), [])
+    # the partial tile's, output by output (its last output, u = 3, is never in bounds there)
+    assert rest == (["ld", "st"] * 3 if n % 1024 else []), kinds
 
 
 def test_kernels_index_by_their_flat_loop_index_and_divide_unsigned():

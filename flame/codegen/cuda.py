@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from ..ir import dtypes as dt
-from .kernel import Described, drop_unused, literal, row_steps, unravel
+from .kernel import _ASSIGN, _TOK, Described, drop_unused, literal, row_steps, unravel
 from .prelude import CUDA_PRELUDE as PRELUDE   # the helpers, shared with the CPU renderer
 
 
@@ -102,15 +102,10 @@ def render(desc: Described, name: str, block: int = 256) -> str:
     inames = {d: f"ri{d}" for d in desc.inner_dims}
     out = [jit_line(desc, block), f"def {name}({', '.join(p[0] for p in desc.params)}):"]
     per = per_thread(desc)
-    if per == 1:
-        ind = "    "
-        out += [ind + "o = cuda.grid(1)", ind + f"if o >= {desc.n_outer}:", ind + "    return"]
-    else:   # several outputs a block apart per thread: their loads are in flight together
-        out += [f"    base = cuda.blockIdx.x * {ELEMENTWISE_BLOCK * per} + cuda.threadIdx.x",
-                f"    for u in range({per}):",
-                f"        o = base + u * {ELEMENTWISE_BLOCK}",
-                f"        if o < {desc.n_outer}:"]
-        ind = "            "
+    if per > 1:
+        return "\n".join(drop_unused(out + _elementwise_tiles(desc, per))) + "\n"
+    ind = "    "
+    out += [ind + "o = cuda.grid(1)", ind + f"if o >= {desc.n_outer}:", ind + "    return"]
     out += [ind + l for l in unravel("o", desc.outer_dims, k.full, {d: f"o{d}" for d in desc.outer_dims})]
 
     def inner_loop(body, tail):   # this thread's output alone, over its reduced axes
@@ -130,6 +125,48 @@ def render(desc: Described, name: str, block: int = 256) -> str:
         body, idx, vals = desc.full_store
         out += inner_loop(body, [f"{param}[{idx}] = {_store(d, val)}" for param, val, d in vals])
     return "\n".join(drop_unused(out)) + "\n"
+
+
+STORED_TYPE = {dt.boolean: "numba.uint8", dt.bf16: "numba.uint16"}   # what _store writes
+
+
+def _elementwise_tiles(desc: Described, per: int) -> list:
+    """A thread's `per` outputs, ELEMENTWISE_BLOCK apart. In a whole tile every output's loads
+    and arithmetic come first and the stores after them, in one branch-free block: a store
+    may alias a later load, so a load written after a store stays behind it, and one load in
+    flight a thread is too few to fill HBM's pipe. The last, partial tile (if any) guards each
+    output and keeps the plain order."""
+    k, B, n = desc.kernel, ELEMENTWISE_BLOCK, desc.n_outer
+    coords = unravel("o", desc.outer_dims, k.full, {d: f"o{d}" for d in desc.outer_dims})
+    values = row_steps(desc)   # no reductions (per_thread is 1 with them): statements only
+    head = f"    base = cuda.blockIdx.x * {B * per} + cuda.threadIdx.x"
+    keep = [f"k{i}_" for i in range(len(desc.row_stores))]
+    whole = ["for u in range(%d):" % per, f"    o = base + u * {B}"] + ["    " + l for l in coords + values]
+    whole += [f"    {kn}[u] = {_store(d, val)}" for kn, (_, _, val, d) in zip(keep, desc.row_stores)]
+    whole += [f"for u in range({per}):", f"    o = base + u * {B}"] + ["    " + l for l in _needed(
+        coords, [idx for _, idx, _, _ in desc.row_stores])]
+    whole += [f"    {param}[{idx}] = {kn}[u]" for kn, (param, idx, _, _) in zip(keep, desc.row_stores)]
+    whole = [f"{kn} = cuda.local.array({per}, {STORED_TYPE.get(d, NUMBA_TYPE[d])})"
+             for kn, (_, _, _, d) in zip(keep, desc.row_stores)] + whole
+    if n % (B * per) == 0:   # every tile whole
+        return [head] + ["    " + l for l in whole]
+    partial = [f"for u in range({per}):", f"    o = base + u * {B}", f"    if o < {n}:"]
+    partial += ["        " + l for l in coords + values]
+    partial += [f"        {param}[{idx}] = {_store(d, val)}" for param, idx, val, d in desc.row_stores]
+    return ([head, f"    if base + {B * (per - 1)} < {n}:"] + ["        " + l for l in whole] +
+            ["    else:"] + ["        " + l for l in partial])
+
+
+def _needed(lines: list, exprs: list) -> list:
+    """The statements of `lines` (assignments in order) that the expressions read, directly
+    or through each other."""
+    reads, kept = set(_TOK.findall(" ".join(exprs))), []
+    for line in reversed(lines):
+        m = _ASSIGN.match(line)
+        if m and m.group(1) in reads:
+            kept.append(line)
+            reads.update(_TOK.findall(line[m.end():]))
+    return kept[::-1]
 
 
 def _render_rows(desc: Described, name: str, block: int) -> str:
