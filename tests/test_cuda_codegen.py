@@ -23,12 +23,17 @@ rng = np.random.default_rng()
 # each graph exercises one fusion class; the simulator script below traces the same list
 GRAPHS = {
     "elementwise_chain": ("lambda x, b: ((x * 1.5 + b).tanh() * x - b).sigmoid()", [(5, 33), (33,)]),
-    # tiles of 4 x 32 outputs: a whole tile (stores after all loads), then a partial one
-    "elementwise_whole_and_partial_tiles": ("lambda x, b: ((x * 1.5 + b).tanh() * x - b).sigmoid()", [(5, 33), (33,)],
-                                            32, "cr.ELEMENTWISE_BLOCK = 32"),
-    # whole tiles only (256 = 2 x 128): two outputs, read through a transpose
-    "elementwise_whole_tiles_two_outputs": ("lambda x, b: (x.T * b, (x.T + b).exp())", [(8, 32), (8,)],
-                                            32, "cr.ELEMENTWISE_BLOCK = 32"),
+    # tiles of 4 x 32 outputs, two a block: 5 whole tiles (each block's second one loaded
+    # while its first computes), then a partial one, on the third block
+    "elementwise_whole_and_partial_tiles": ("lambda x, b: ((x * 1.5 + b).tanh() * x - b).sigmoid()", [(21, 33), (33,)],
+                                            32, "cr.ELEMENTWISE_BLOCK, cr.ELEMENTWISE_TILES = 32, 2"),
+    # no loads: random draws, a whole tile and a partial one
+    "random_whole_and_partial_tiles": ("lambda x, b: (flame.rand_uniform((7, 33), seed=3), x + b)", [(5, 33), (33,)],
+                                       32, "cr.ELEMENTWISE_BLOCK, cr.ELEMENTWISE_TILES = 32, 2"),
+    # a tile a block (the default): two whole tiles (288 = 2 x 128 + 32) and a partial one;
+    # two outputs, read through a transpose
+    "elementwise_two_outputs_a_tile_a_block": ("lambda x, b: (x.T * b, (x.T + b).exp())", [(9, 32), (9,)],
+                                               32, "cr.ELEMENTWISE_BLOCK, cr.ELEMENTWISE_TILES = 32, 1"),
     "reduce_prologue": ("lambda x, b: ((x - b) * (x - b)).sum(1)", [(5, 33), (33,)]),
     "row_softmax": ("lambda x, b: F.softmax(x + b, dim=-1)", [(5, 70), (70,)]),
     "row_layer_norm": ("lambda x, b: F.layer_norm(x, (70,), b, b)", [(6, 70), (70,)]),
@@ -268,23 +273,28 @@ def _kernel_source(fn, *shapes, block=256, prelude=False):
     return {k.name: sched.source(k, with_prelude=prelude) for k in sched.kernels if k.root.id in sched.descs}
 
 
+@pytest.mark.parametrize("tiles", [1, 4])
 @pytest.mark.parametrize("n", [1 << 20, (1 << 20) + 5])
-def test_elementwise_loads_of_a_whole_tile_are_all_before_its_stores(n, tmp_path, monkeypatch):
-    """A store may alias a later load, so a load written after it stays after it: a thread's
-    outputs are stored only once all its loads are issued (one load in flight a thread does
-    not fill HBM's pipe). A partial last tile keeps its guarded loop, after the whole ones."""
+def test_elementwise_loads_of_a_tile_come_before_its_stores(n, tiles, tmp_path, monkeypatch):
+    """A store may alias a later load, so a load written after it stays after it: a thread
+    stores a tile's outputs only once all their loads are issued. With several tiles a block,
+    the next tile's loads are issued before this tile's arithmetic and stores too. A partial
+    last tile keeps its guarded load and store per output, after the whole ones."""
+    from flame.codegen import cuda as cr
     from flame.codegen.ptx import kernel_ptx
     from flame.ir import dtypes as dt
     monkeypatch.setenv("FLAME_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cr, "ELEMENTWISE_TILES", tiles)
     ((name, src),) = _kernel_source(lambda x: ((x * 1.5 + 1.0).tanh() * 0.5 + x).sigmoid() * x - 0.25, (n,),
                                     prelude=True).items()
     ptx = kernel_ptx(name, src, [dt.f32, dt.f32])
-    blocks = re.split(r"\$L__BB\d+_\d+:", ptx[ptx.index(".entry"):])   # basic blocks
-    kinds = [re.findall(r"(ld|st)\.global", b) for b in blocks]
-    assert ["ld"] * 4 + ["st"] * 4 in kinds, kinds   # one straight block: 4 loads, then 4 stores
-    rest = sum((k for k in kinds if k != ["ld"] * 4 + ["st"] * 4), [])
-    # the partial tile's, output by output (its last output, u = 3, is never in bounds there)
-    assert rest == (["ld", "st"] * 3 if n % 1024 else []), kinds
+    ops = re.findall(r"(ld|st)\.global", ptx[ptx.index(".entry"):])   # in program order
+    # this tile's 4 loads (and, in the loop over tiles, the next tile's 4), then its 4 stores
+    head = ["ld"] * (4 if tiles == 1 else 8) + ["st"] * 4
+    assert ops[:len(head)] == head, ops
+    # the partial tile's, output by output (the compiler may drop those never in bounds)
+    pairs = len(ops[len(head):]) // 2
+    assert ops[len(head):] == ["ld", "st"] * pairs and (0 < pairs <= 4 if n % 1024 else pairs == 0), ops
 
 
 def test_kernels_index_by_their_flat_loop_index_and_divide_unsigned():

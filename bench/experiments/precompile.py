@@ -54,6 +54,8 @@ def main():
     from flame.ir import dtypes as dt
     for v in rows_pipeline.VARIANTS:
         kernel_cubin("kernel", rows_pipeline.gen(**v)[0], [dt.f32, dt.f32], CC)
+    import elementwise_sweep
+    elementwise_sweep.main(precompile=True)
     import timing_probe
     x = gb.rnd(2, 320, 64, 64)
     for _, fn, inp, _ in timing_probe.flame_cases(x, x):

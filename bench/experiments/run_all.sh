@@ -8,6 +8,10 @@ if [ "${PROBE:-1}" = 1 ]; then
   timeout "${EXP_TIMEOUT:-150}" python3 bench/experiments/timing_probe.py > "$OUT/probe.log" 2>&1
   echo "probe exit $?"; grep "^|\|Error" "$OUT/probe.log"
 fi
+if [ "${SWEEP:-1}" = 1 ]; then
+  timeout "${EXP_TIMEOUT:-150}" python3 bench/experiments/elementwise_sweep.py > "$OUT/sweep.log" 2>&1
+  echo "sweep exit $?"; grep "^|\|Error" "$OUT/sweep.log"
+fi
 if [ "${EXP:-1}" = 1 ]; then
   timeout "${EXP_TIMEOUT:-150}" python3 bench/experiments/rows_pipeline.py > "$OUT/exp.log" 2>&1
   echo "exp exit $?"; grep "^|\|FAILED\|fit at once" "$OUT/exp.log"

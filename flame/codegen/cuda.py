@@ -16,6 +16,7 @@ Every float constant is typed (np.float32(...)), so float32 kernels compile to f
 from __future__ import annotations
 
 import math
+import re
 
 from ..ir import dtypes as dt
 from .kernel import _ASSIGN, _TOK, Described, drop_unused, literal, row_steps, unravel
@@ -26,6 +27,10 @@ NUMBA_TYPE = {dt.f32: "numba.float32", dt.f64: "numba.float64", dt.i32: "numba.i
               dt.i64: "numba.int64", dt.boolean: "numba.boolean", dt.bf16: "numba.float32"}
 ELEMENTWISE_BLOCK = 256
 ELEMENTWISE_PER_THREAD = 4
+# tiles (ELEMENTWISE_BLOCK x ELEMENTWISE_PER_THREAD outputs) a block, in turn, the next one's
+# loads issued before this one's arithmetic; 1: a tile a block (timed on an H100 on 2026-12-07;
+# more are not yet timed on one: bench/experiments/elementwise_sweep.py)
+ELEMENTWISE_TILES = 1
 ONE_PASS_MOMENTS = True   # a row's mean and squared deviations in one exchange (one_pass_moments)
 
 
@@ -72,8 +77,9 @@ def launch_dims(desc: Described, block: int):
     if block_per_row(desc):
         rpb = rows_per_block(desc, block)
         return -(-desc.n_outer // rpb) * desc.row_parts, rpb * desc.row_threads
-    per = ELEMENTWISE_BLOCK * per_thread(desc)
-    return -(-desc.n_outer // per), ELEMENTWISE_BLOCK
+    per = per_thread(desc)
+    tiles = -(-desc.n_outer // (ELEMENTWISE_BLOCK * per))
+    return (-(-tiles // ELEMENTWISE_TILES) if per > 1 else tiles), ELEMENTWISE_BLOCK
 
 
 def _store(d, v):
@@ -128,42 +134,91 @@ def render(desc: Described, name: str, block: int = 256) -> str:
 
 
 STORED_TYPE = {dt.boolean: "numba.uint8", dt.bf16: "numba.uint16"}   # what _store writes
+_LOAD = re.compile(r"(p\d+)\[([^\[\]]+)\]")
 
 
 def _elementwise_tiles(desc: Described, per: int) -> list:
-    """A thread's `per` outputs, ELEMENTWISE_BLOCK apart. In a whole tile every output's loads
-    and arithmetic come first and the stores after them, in one branch-free block: a store
-    may alias a later load, so a load written after a store stays behind it, and one load in
-    flight a thread is too few to fill HBM's pipe. The last, partial tile (if any) guards each
-    output and keeps the plain order."""
+    """A thread's `per` outputs, ELEMENTWISE_BLOCK apart: a tile of ELEMENTWISE_BLOCK * per
+    outputs a block, ELEMENTWISE_TILES tiles a block one after another. In a whole tile the
+    stores come after every load and all the arithmetic: a store may alias a later load, so a
+    load written after a store stays behind it (one load in flight a thread does not fill
+    HBM's pipe). With several tiles a block, the next tile's loads are issued before this
+    tile's arithmetic, so a thread has loads in flight while it computes. The last, partial
+    tile (if any) guards each output and keeps the plain order."""
     k, B, n = desc.kernel, ELEMENTWISE_BLOCK, desc.n_outer
+    tile, T = B * per, ELEMENTWISE_TILES
+    whole = n // tile
     coords = unravel("o", desc.outer_dims, k.full, {d: f"o{d}" for d in desc.outer_dims})
     values = row_steps(desc)   # no reductions (per_thread is 1 with them): statements only
-    head = f"    base = cuda.blockIdx.x * {B * per} + cuda.threadIdx.x"
-    keep = [f"k{i}_" for i in range(len(desc.row_stores))]
-    whole = ["for u in range(%d):" % per, f"    o = base + u * {B}"] + ["    " + l for l in coords + values]
-    whole += [f"    {kn}[u] = {_store(d, val)}" for kn, (_, _, val, d) in zip(keep, desc.row_stores)]
-    whole += [f"for u in range({per}):", f"    o = base + u * {B}"] + ["    " + l for l in _needed(
-        coords, [idx for _, idx, _, _ in desc.row_stores])]
-    whole += [f"    {param}[{idx}] = {kn}[u]" for kn, (param, idx, _, _) in zip(keep, desc.row_stores)]
-    whole = [f"{kn} = cuda.local.array({per}, {STORED_TYPE.get(d, NUMBA_TYPE[d])})"
-             for kn, (_, _, _, d) in zip(keep, desc.row_stores)] + whole
-    if n % (B * per) == 0:   # every tile whole
-        return [head] + ["    " + l for l in whole]
-    partial = [f"for u in range({per}):", f"    o = base + u * {B}", f"    if o < {n}:"]
-    partial += ["        " + l for l in coords + values]
-    partial += [f"        {param}[{idx}] = {_store(d, val)}" for param, idx, val, d in desc.row_stores]
-    return ([head, f"    if base + {B * (per - 1)} < {n}:"] + ["        " + l for l in whole] +
-            ["    else:"] + ["        " + l for l in partial])
+    stores = desc.row_stores
+    keep = [f"k{i}_" for i in range(len(stores))]
+    loads = [m.group(0) for line in values for m in _LOAD.finditer(line)]
+    # loads a tile ahead where there are loads and their indices need no loaded or computed value
+    ahead = _prefetch_lines(coords + values, loads) if loads and T > 1 else None
+    out = [f"t0 = cuda.blockIdx.x * {T}" if T > 1 else "t0 = cuda.blockIdx.x",
+           f"base = t0 * {tile} + cuda.threadIdx.x"]
+    out += [f"{kn} = cuda.local.array({per}, {_stored_type(d)})" for kn, (*_, d) in zip(keep, stores)]
+    pass_ = [f"for u in range({per}):"]   # this tile's values, kept for the stores
+    if ahead is None:
+        pass_ += [f"    o = base + u * {B}"] + ["    " + line for line in coords + values]
+    else:
+        dtypes = {p[0]: p[1].dtype for p in desc.params}
+        now = {ld: f"l{j}_" for j, ld in enumerate(loads)}   # this tile's inputs; m{j}_: the next's
+        for ld, a in now.items():
+            t = _stored_type(dtypes[ld.split("[")[0]])
+            out += [f"{a} = cuda.local.array({per}, {t})", f"m{a[1:]} = cuda.local.array({per}, {t})"]
+
+        def fetch(prefix, at):
+            return ([f"for u in range({per}):", f"    o = {at} + u * {B}"] + ["    " + line for line in ahead] +
+                    [f"    {prefix}{now[ld][1:]}[u] = {ld}" for ld in loads])
+        if whole:
+            out += [f"if t0 < {whole}:"] + ["    " + line for line in fetch("l", "base")]
+        compute = _needed(coords + [_LOAD.sub(lambda m: f"{now[m.group(0)]}[u]", line) for line in values],
+                          [val for _, _, val, _ in stores], others=True)
+        if "o" in _TOK.findall(" ".join(compute)):
+            pass_.append(f"    o = base + u * {B}")
+        pass_ += ["    " + line for line in compute]
+    pass_ += [f"    {kn}[u] = {_store(d, val)}" for kn, (_, _, val, d) in zip(keep, stores)]
+    pass_ += [f"for u in range({per}):", f"    o = base + u * {B}"]
+    pass_ += ["    " + line for line in _needed(coords, [idx for _, idx, _, _ in stores])]
+    pass_ += [f"    {param}[{idx}] = {kn}[u]" for kn, (param, idx, _, _) in zip(keep, stores)]
+    if ahead is not None:   # the block's own next tile, loaded before this one's arithmetic
+        pass_ = ([f"if t < {T - 1} and t0 + t + 1 < {whole}:"] + ["    " + line for line in fetch("m", f"base + {tile}")] +
+                 pass_ + [f"for u in range({per}):"] + [f"    {a}[u] = m{a[1:]}[u]" for a in now.values()])
+    if whole and T > 1:
+        out += [f"for t in range({T}):", f"    if t0 + t < {whole}:"] + ["        " + line for line in pass_]
+        out += [f"        base += {tile}"]
+    elif whole:
+        out += [f"if t0 < {whole}:"] + ["    " + line for line in pass_]
+    if n % tile:   # the block whose tiles reach past the whole ones takes the partial tile
+        out += [f"if t0 <= {whole} < t0 + {T}:" if T > 1 else f"if t0 == {whole}:",
+                f"    base = {whole * tile} + cuda.threadIdx.x",
+                f"    for u in range({per}):", f"        o = base + u * {B}", f"        if o < {n}:"]
+        out += ["            " + line for line in coords + values]
+        out += [f"            {param}[{idx}] = {_store(d, val)}" for param, idx, val, d in stores]
+    return ["    " + line for line in out]
 
 
-def _needed(lines: list, exprs: list) -> list:
+def _stored_type(d) -> str:
+    return STORED_TYPE.get(d, NUMBA_TYPE[d])
+
+
+def _prefetch_lines(lines: list, loads: list):
+    """The statements the loads' indices need (coordinates, index arithmetic), or None where
+    one of them reads a value (a loaded or computed one: then loads depend on loads)."""
+    need = _needed(lines, loads)
+    if any(not l.lstrip().startswith(("o", "i")) or _LOAD.search(l) for l in need):
+        return None
+    return need
+
+
+def _needed(lines: list, exprs: list, others: bool = False) -> list:
     """The statements of `lines` (assignments in order) that the expressions read, directly
-    or through each other."""
+    or through each other (others: and every line that is not such an assignment)."""
     reads, kept = set(_TOK.findall(" ".join(exprs))), []
     for line in reversed(lines):
         m = _ASSIGN.match(line)
-        if m and m.group(1) in reads:
+        if (m and m.group(1) in reads) or (others and not m):
             kept.append(line)
             reads.update(_TOK.findall(line[m.end():]))
     return kept[::-1]
