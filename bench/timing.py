@@ -63,28 +63,33 @@ def median_ms(enqueue, hstream: int, reps: int = 50, warmup: int = 3) -> float:
     from cuda.bindings import driver
     for _ in range(warmup):
         enqueue()
+    flush = _flush_buffer() if FLUSH_L2 else None   # allocated before any gate holds the stream
     _ck(driver.cuStreamSynchronize(hstream))
     events = [(_ck(driver.cuEventCreate(0)), _ck(driver.cuEventCreate(0))) for _ in range(reps)]
+    gated = MODE == "gated"
     # gated in chunks: a launch queue that fills while the stream is held would block the host
-    for c in range(0, reps, GATE_CHUNK if MODE == "gated" else reps):
-        gate = _Gate(hstream) if MODE == "gated" else None
-        try:
-            for e0, e1 in events[c:c + GATE_CHUNK] if gate else events:
-                if FLUSH_L2:
-                    _ck(driver.cuMemsetD32Async(_flush_buffer(), 0, _FLUSH_BYTES // 4, hstream))
-                _ck(driver.cuEventRecord(e0, hstream))
-                enqueue()
-                _ck(driver.cuEventRecord(e1, hstream))
-                if gate is None:
-                    _ck(driver.cuEventSynchronize(e1))
-        finally:
-            if gate is not None:
-                gate.release()
-    _ck(driver.cuStreamSynchronize(hstream))
-    times = [_ck(driver.cuEventElapsedTime(e0, e1)) for e0, e1 in events]
-    for e0, e1 in events:
-        _ck(driver.cuEventDestroy(e0))
-        _ck(driver.cuEventDestroy(e1))
+    chunk = GATE_CHUNK if gated else reps
+    try:
+        for c in range(0, reps, chunk):
+            gate = _Gate(hstream) if gated else None
+            try:
+                for e0, e1 in events[c:c + chunk]:
+                    if flush is not None:
+                        _ck(driver.cuMemsetD32Async(flush, 0, _FLUSH_BYTES // 4, hstream))
+                    _ck(driver.cuEventRecord(e0, hstream))
+                    enqueue()
+                    _ck(driver.cuEventRecord(e1, hstream))
+                    if not gated:
+                        _ck(driver.cuEventSynchronize(e1))
+            finally:
+                if gate is not None:
+                    gate.release()
+        _ck(driver.cuStreamSynchronize(hstream))
+        times = [_ck(driver.cuEventElapsedTime(e0, e1)) for e0, e1 in events]
+    finally:
+        for e0, e1 in events:
+            driver.cuEventDestroy(e0)
+            driver.cuEventDestroy(e1)
     return float(np.median(times))
 
 

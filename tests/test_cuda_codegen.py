@@ -30,6 +30,11 @@ GRAPHS = {
     # no loads: random draws, a whole tile and a partial one
     "random_whole_and_partial_tiles": ("lambda x, b: (flame.rand_uniform((7, 33), seed=3), x + b)", [(5, 33), (33,)],
                                        32, "cr.ELEMENTWISE_BLOCK, cr.ELEMENTWISE_TILES = 32, 2"),
+    # loads a tile ahead of a bf16 input (a GEMM's output) and a float32 one: 3 whole tiles
+    # and a partial one on 2 blocks of 2 tiles
+    "elementwise_bf16_and_f32_inputs_a_tile_ahead": (
+        "lambda x, b: (x.cast('bf16') @ x.cast('bf16').T).cast('f32') * b[:20] + x[:, :20]", [(20, 33), (33,)],
+        32, "cr.ELEMENTWISE_BLOCK, cr.ELEMENTWISE_TILES = 32, 2"),
     # a tile a block (the default): two whole tiles (288 = 2 x 128 + 32) and a partial one;
     # two outputs, read through a transpose
     "elementwise_two_outputs_a_tile_a_block": ("lambda x, b: (x.T * b, (x.T + b).exp())", [(9, 32), (9,)],

@@ -19,7 +19,7 @@ import math
 import re
 
 from ..ir import dtypes as dt
-from .kernel import _ASSIGN, _TOK, Described, drop_unused, literal, row_steps, unravel
+from .kernel import Described, assigns, drop_unused, literal, needed, row_steps, unravel
 from .prelude import CUDA_PRELUDE as PRELUDE   # the helpers, shared with the CPU renderer
 
 
@@ -134,7 +134,11 @@ def render(desc: Described, name: str, block: int = 256) -> str:
 
 
 STORED_TYPE = {dt.boolean: "numba.uint8", dt.bf16: "numba.uint16"}   # what _store writes
-_LOAD = re.compile(r"(p\d+)\[([^\[\]]+)\]")
+_LOAD = re.compile(r"\b(p\d+)\[([^\[\]]+)\]")   # a read of kernel parameter p<k>
+
+
+def _stored_type(d) -> str:
+    return STORED_TYPE.get(d, NUMBA_TYPE[d])
 
 
 def _elementwise_tiles(desc: Described, per: int) -> list:
@@ -145,83 +149,86 @@ def _elementwise_tiles(desc: Described, per: int) -> list:
     HBM's pipe). With several tiles a block, the next tile's loads are issued before this
     tile's arithmetic, so a thread has loads in flight while it computes. The last, partial
     tile (if any) guards each output and keeps the plain order."""
-    k, B, n = desc.kernel, ELEMENTWISE_BLOCK, desc.n_outer
-    tile, T = B * per, ELEMENTWISE_TILES
-    whole = n // tile
-    coords = unravel("o", desc.outer_dims, k.full, {d: f"o{d}" for d in desc.outer_dims})
-    values = row_steps(desc)   # no reductions (per_thread is 1 with them): statements only
-    stores = desc.row_stores
-    keep = [f"k{i}_" for i in range(len(stores))]
-    loads = [m.group(0) for line in values for m in _LOAD.finditer(line)]
-    # loads a tile ahead where there are loads and their indices need no loaded or computed value
-    ahead = _prefetch_lines(coords + values, loads) if loads and T > 1 else None
+    tile, T = ELEMENTWISE_BLOCK * per, ELEMENTWISE_TILES
+    whole = desc.n_outer // tile
+    loads = sorted({m.group(0) for line in row_steps(desc) for m in _LOAD.finditer(line)})
+    ahead = T > 1 and bool(loads) and _indices_need_no_values(desc, loads)
     out = [f"t0 = cuda.blockIdx.x * {T}" if T > 1 else "t0 = cuda.blockIdx.x",
            f"base = t0 * {tile} + cuda.threadIdx.x"]
-    out += [f"{kn} = cuda.local.array({per}, {_stored_type(d)})" for kn, (*_, d) in zip(keep, stores)]
-    pass_ = [f"for u in range({per}):"]   # this tile's values, kept for the stores
-    if ahead is None:
-        pass_ += [f"    o = base + u * {B}"] + ["    " + line for line in coords + values]
-    else:
-        dtypes = {p[0]: p[1].dtype for p in desc.params}
-        now = {ld: f"l{j}_" for j, ld in enumerate(loads)}   # this tile's inputs; m{j}_: the next's
-        for ld, a in now.items():
-            t = _stored_type(dtypes[ld.split("[")[0]])
-            out += [f"{a} = cuda.local.array({per}, {t})", f"m{a[1:]} = cuda.local.array({per}, {t})"]
-
-        def fetch(prefix, at):
-            return ([f"for u in range({per}):", f"    o = {at} + u * {B}"] + ["    " + line for line in ahead] +
-                    [f"    {prefix}{now[ld][1:]}[u] = {ld}" for ld in loads])
-        if whole:
-            out += [f"if t0 < {whole}:"] + ["    " + line for line in fetch("l", "base")]
-        compute = _needed(coords + [_LOAD.sub(lambda m: f"{now[m.group(0)]}[u]", line) for line in values],
-                          [val for _, _, val, _ in stores], others=True)
-        if "o" in _TOK.findall(" ".join(compute)):
-            pass_.append(f"    o = base + u * {B}")
-        pass_ += ["    " + line for line in compute]
-    pass_ += [f"    {kn}[u] = {_store(d, val)}" for kn, (_, _, val, d) in zip(keep, stores)]
-    pass_ += [f"for u in range({per}):", f"    o = base + u * {B}"]
-    pass_ += ["    " + line for line in _needed(coords, [idx for _, idx, _, _ in stores])]
-    pass_ += [f"    {param}[{idx}] = {kn}[u]" for kn, (param, idx, _, _) in zip(keep, stores)]
-    if ahead is not None:   # the block's own next tile, loaded before this one's arithmetic
-        pass_ = ([f"if t < {T - 1} and t0 + t + 1 < {whole}:"] + ["    " + line for line in fetch("m", f"base + {tile}")] +
-                 pass_ + [f"for u in range({per}):"] + [f"    {a}[u] = m{a[1:]}[u]" for a in now.values()])
-    if whole and T > 1:
-        out += [f"for t in range({T}):", f"    if t0 + t < {whole}:"] + ["        " + line for line in pass_]
-        out += [f"        base += {tile}"]
+    out += [f"k{i}_ = cuda.local.array({per}, {_stored_type(d)})" for i, (*_, d) in enumerate(desc.row_stores)]
+    if whole and ahead:
+        out += _tiles_loading_ahead(desc, per, loads, whole)
     elif whole:
-        out += [f"if t0 < {whole}:"] + ["    " + line for line in pass_]
-    if n % tile:   # the block whose tiles reach past the whole ones takes the partial tile
+        out += [f"if t0 < {whole}:"] + _indent(_whole_tile(desc, per), 1)
+    if desc.n_outer % tile:   # the block whose tiles reach past the whole ones takes the partial tile
         out += [f"if t0 <= {whole} < t0 + {T}:" if T > 1 else f"if t0 == {whole}:",
-                f"    base = {whole * tile} + cuda.threadIdx.x",
-                f"    for u in range({per}):", f"        o = base + u * {B}", f"        if o < {n}:"]
-        out += ["            " + line for line in coords + values]
-        out += [f"            {param}[{idx}] = {_store(d, val)}" for param, idx, val, d in stores]
-    return ["    " + line for line in out]
+                f"    base = {whole * tile} + cuda.threadIdx.x"] + _indent(_partial_tile(desc, per), 1)
+    return _indent(out, 1)
 
 
-def _stored_type(d) -> str:
-    return STORED_TYPE.get(d, NUMBA_TYPE[d])
+def _indent(lines: list, levels: int) -> list:
+    return ["    " * levels + line for line in lines]
 
 
-def _prefetch_lines(lines: list, loads: list):
-    """The statements the loads' indices need (coordinates, index arithmetic), or None where
-    one of them reads a value (a loaded or computed one: then loads depend on loads)."""
-    need = _needed(lines, loads)
-    if any(not l.lstrip().startswith(("o", "i")) or _LOAD.search(l) for l in need):
-        return None
-    return need
+def _coords(desc: Described) -> list:
+    return unravel("o", desc.outer_dims, desc.kernel.full, {d: f"o{d}" for d in desc.outer_dims})
 
 
-def _needed(lines: list, exprs: list, others: bool = False) -> list:
-    """The statements of `lines` (assignments in order) that the expressions read, directly
-    or through each other (others: and every line that is not such an assignment)."""
-    reads, kept = set(_TOK.findall(" ".join(exprs))), []
-    for line in reversed(lines):
-        m = _ASSIGN.match(line)
-        if (m and m.group(1) in reads) or (others and not m):
-            kept.append(line)
-            reads.update(_TOK.findall(line[m.end():]))
-    return kept[::-1]
+def _whole_tile(desc: Described, per: int, loaded: dict | None = None) -> list:
+    """The tile at `base`: every output's value into k<i>_, then the stores. loaded: each
+    load's local array (read at [u]) where the loads were issued already."""
+    B, stores = ELEMENTWISE_BLOCK, desc.row_stores
+    values = row_steps(desc)   # no reductions (per_thread is 1 with them): statements only
+    if loaded:
+        values = [_LOAD.sub(lambda m: f"{loaded[m.group(0)]}[u]", line) for line in values]
+    body = needed(_coords(desc) + values, [val for _, _, val, _ in stores])
+    lines = [f"for u in range({per}):"] + ([f"    o = base + u * {B}"] if "o" in _reads(body) else [])
+    lines += _indent(body, 1) + [f"    k{i}_[u] = {_store(d, val)}" for i, (_, _, val, d) in enumerate(stores)]
+    lines += [f"for u in range({per}):", f"    o = base + u * {B}"]
+    lines += _indent(needed(_coords(desc), [idx for _, idx, _, _ in stores]), 1)
+    return lines + [f"    {param}[{idx}] = k{i}_[u]" for i, (param, idx, _, _) in enumerate(stores)]
+
+
+def _tiles_loading_ahead(desc: Described, per: int, loads: list, whole: int) -> list:
+    """The block's whole tiles, each tile's loads into now<j>_ arrays issued one tile ahead
+    (into next<j>_ while the tile before computes)."""
+    B, T, tile = ELEMENTWISE_BLOCK, ELEMENTWISE_TILES, ELEMENTWISE_BLOCK * per
+    dtypes = {p[0]: p[1].dtype for p in desc.params}
+    index_lines = needed(_coords(desc) + row_steps(desc), loads)
+
+    def fetch(into, at):
+        return ([f"for u in range({per}):", f"    o = {at} + u * {B}"] + _indent(index_lines, 1) +
+                [f"    {into}{j}_[u] = {ld}" for j, ld in enumerate(loads)])
+    lines = []
+    for j, ld in enumerate(loads):
+        t = _stored_type(dtypes[_LOAD.match(ld).group(1)])
+        lines += [f"now{j}_ = cuda.local.array({per}, {t})", f"next{j}_ = cuda.local.array({per}, {t})"]
+    has_next = f"t < {T - 1} and t0 + t + 1 < {whole}"   # the block's own next tile, if whole
+    step = ([f"if {has_next}:"] + _indent(fetch("next", f"base + {tile}"), 1) +
+            _whole_tile(desc, per, {ld: f"now{j}_" for j, ld in enumerate(loads)}) +
+            [f"if {has_next}:", f"    for u in range({per}):"] +
+            [f"        now{j}_[u] = next{j}_[u]" for j in range(len(loads))] + [f"base += {tile}"])
+    lines += [f"if t0 < {whole}:"] + _indent(fetch("now", "base"), 1)
+    return lines + [f"for t in range({T}):", f"    if t0 + t < {whole}:"] + _indent(step, 2)
+
+
+def _partial_tile(desc: Described, per: int) -> list:
+    B, n = ELEMENTWISE_BLOCK, desc.n_outer
+    lines = [f"for u in range({per}):", f"    o = base + u * {B}", f"    if o < {n}:"]
+    lines += _indent(_coords(desc) + row_steps(desc), 2)
+    return lines + [f"        {param}[{idx}] = {_store(d, val)}" for param, idx, val, d in desc.row_stores]
+
+
+def _indices_need_no_values(desc: Described, loads: list) -> bool:
+    """Whether the loads' indices come from coordinates and index arithmetic alone (no
+    loaded or computed value), so a tile's loads can be issued before the tile before it
+    has computed."""
+    return all(assigns(line) and assigns(line)[0] in "oi" and not _LOAD.search(line)
+               for line in needed(_coords(desc) + row_steps(desc), loads))
+
+
+def _reads(lines: list) -> set:
+    return {t for line in lines for t in re.findall(r"[A-Za-z_]\w*", line)}
 
 
 def _render_rows(desc: Described, name: str, block: int) -> str:

@@ -634,6 +634,24 @@ def unravel(var: str, dims: tuple, full: tuple, names: dict) -> list:
 _ASSIGN = re.compile(r"\s*((?:o|ri|i|v|c)\d+) = ")
 
 
+def needed(lines: list, exprs: list) -> list:
+    """The value statements of `lines` that the expressions read, directly or through each
+    other, in order; every other kind of line is kept."""
+    reads, kept = set(_TOK.findall(" ".join(exprs))), []
+    for line in reversed(lines):
+        m = _ASSIGN.match(line)
+        if m is None or m.group(1) in reads:
+            kept.append(line)
+            reads.update(_TOK.findall(line[m.end():] if m else line))
+    return kept[::-1]
+
+
+def assigns(line: str):
+    """The name a value statement assigns (o3, i1, v7, ...), or None."""
+    m = _ASSIGN.match(line)
+    return m.group(1) if m else None
+
+
 def drop_unused(lines: list) -> list:
     """Remove value statements (coordinates, indices, values: all pure) that nothing reads,
     e.g. the coordinates of a kernel that indexes by its flat loop index, so the printed
