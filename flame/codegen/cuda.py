@@ -19,7 +19,7 @@ import math
 import re
 
 from ..ir import dtypes as dt
-from .kernel import Described, assigns, drop_unused, literal, needed, row_steps, unravel
+from .kernel import _TOK, Described, assigns, drop_unused, literal, needed, row_steps, unravel
 from .prelude import CUDA_PRELUDE as PRELUDE   # the helpers, shared with the CPU renderer
 
 
@@ -112,7 +112,7 @@ def render(desc: Described, name: str, block: int = 256) -> str:
         return "\n".join(drop_unused(out + _elementwise_tiles(desc, per))) + "\n"
     ind = "    "
     out += [ind + "o = cuda.grid(1)", ind + f"if o >= {desc.n_outer}:", ind + "    return"]
-    out += [ind + l for l in unravel("o", desc.outer_dims, k.full, {d: f"o{d}" for d in desc.outer_dims})]
+    out += [ind + l for l in _coords(desc)]
 
     def inner_loop(body, tail):   # this thread's output alone, over its reduced axes
         lines = unravel("r", desc.inner_dims, k.full, inames) + body.lines + tail
@@ -152,12 +152,13 @@ def _elementwise_tiles(desc: Described, per: int) -> list:
     tile, T = ELEMENTWISE_BLOCK * per, ELEMENTWISE_TILES
     whole = desc.n_outer // tile
     loads = sorted({m.group(0) for line in row_steps(desc) for m in _LOAD.finditer(line)})
-    ahead = T > 1 and bool(loads) and _indices_need_no_values(desc, loads)
+    index_lines = needed(_coords(desc) + row_steps(desc), loads)   # what the loads' indices read
+    ahead = T > 1 and bool(loads) and _indices_need_no_values(index_lines)
     out = [f"t0 = cuda.blockIdx.x * {T}" if T > 1 else "t0 = cuda.blockIdx.x",
            f"base = t0 * {tile} + cuda.threadIdx.x"]
     out += [f"k{i}_ = cuda.local.array({per}, {_stored_type(d)})" for i, (*_, d) in enumerate(desc.row_stores)]
     if whole and ahead:
-        out += _tiles_loading_ahead(desc, per, loads, whole)
+        out += _tiles_loading_ahead(desc, per, loads, index_lines, whole)
     elif whole:
         out += [f"if t0 < {whole}:"] + _indent(_whole_tile(desc, per), 1)
     if desc.n_outer % tile:   # the block whose tiles reach past the whole ones takes the partial tile
@@ -182,19 +183,18 @@ def _whole_tile(desc: Described, per: int, loaded: dict | None = None) -> list:
     if loaded:
         values = [_LOAD.sub(lambda m: f"{loaded[m.group(0)]}[u]", line) for line in values]
     body = needed(_coords(desc) + values, [val for _, _, val, _ in stores])
-    lines = [f"for u in range({per}):"] + ([f"    o = base + u * {B}"] if "o" in _reads(body) else [])
+    lines = [f"for u in range({per}):"] + ([f"    o = base + u * {B}"] if "o" in _TOK.findall(" ".join(body)) else [])
     lines += _indent(body, 1) + [f"    k{i}_[u] = {_store(d, val)}" for i, (_, _, val, d) in enumerate(stores)]
     lines += [f"for u in range({per}):", f"    o = base + u * {B}"]
     lines += _indent(needed(_coords(desc), [idx for _, idx, _, _ in stores]), 1)
     return lines + [f"    {param}[{idx}] = k{i}_[u]" for i, (param, idx, _, _) in enumerate(stores)]
 
 
-def _tiles_loading_ahead(desc: Described, per: int, loads: list, whole: int) -> list:
+def _tiles_loading_ahead(desc: Described, per: int, loads: list, index_lines: list, whole: int) -> list:
     """The block's whole tiles, each tile's loads into now<j>_ arrays issued one tile ahead
     (into next<j>_ while the tile before computes)."""
     B, T, tile = ELEMENTWISE_BLOCK, ELEMENTWISE_TILES, ELEMENTWISE_BLOCK * per
     dtypes = {p[0]: p[1].dtype for p in desc.params}
-    index_lines = needed(_coords(desc) + row_steps(desc), loads)
 
     def fetch(into, at):
         return ([f"for u in range({per}):", f"    o = {at} + u * {B}"] + _indent(index_lines, 1) +
@@ -219,16 +219,11 @@ def _partial_tile(desc: Described, per: int) -> list:
     return lines + [f"        {param}[{idx}] = {_store(d, val)}" for param, idx, val, d in desc.row_stores]
 
 
-def _indices_need_no_values(desc: Described, loads: list) -> bool:
+def _indices_need_no_values(index_lines: list) -> bool:
     """Whether the loads' indices come from coordinates and index arithmetic alone (no
     loaded or computed value), so a tile's loads can be issued before the tile before it
     has computed."""
-    return all(assigns(line) and assigns(line)[0] in "oi" and not _LOAD.search(line)
-               for line in needed(_coords(desc) + row_steps(desc), loads))
-
-
-def _reads(lines: list) -> set:
-    return {t for line in lines for t in re.findall(r"[A-Za-z_]\w*", line)}
+    return all((name := assigns(line)) and name[0] in "oi" and not _LOAD.search(line) for line in index_lines)
 
 
 def _render_rows(desc: Described, name: str, block: int) -> str:
@@ -253,7 +248,7 @@ def _render_rows(desc: Described, name: str, block: int) -> str:
     ragged = n_out % rpb != 0
     if ragged:   # the last block's spare rows redo the last row (they must join its shuffles) but store nothing
         out += [ind + f"valid = o < {n_out}", ind + "if not valid:", ind + f"    o = {n_out - 1}"]
-    out += [ind + l for l in unravel("o", desc.outer_dims, k.full, {d: f"o{d}" for d in desc.outer_dims})]
+    out += [ind + l for l in _coords(desc)]
     for arr, d in desc.row_cache.items():   # the row's elements this thread holds
         out.append(ind + f"{arr} = cuda.local.array({slots}, {NUMBA_TYPE[d]})")
 
