@@ -76,20 +76,23 @@ def roofline(bytes_, ms):
     return f"{100 * bytes_ / ms / 1e6 / COPY_GBPS['hbm']:.0f}% of copy bandwidth" if COPY_GBPS else ""
 
 
+# the fused elementwise chain the benchmark times (flame.Tensor or torch.Tensor alike)
+CHAIN = lambda x: ((x * 1.5 + 1.0).tanh() * 0.5 + x).sigmoid() * x - 0.25
+
+
 def bench_elementwise():
     n = 1 << 24
     x = rnd(n)
-    fn = lambda x: ((x * 1.5 + 1.0).tanh() * 0.5 + x).sigmoid() * x - 0.25
-    fr = flame_runner(fn, x)
+    fr = flame_runner(CHAIN, x)
     ms = median_ms_flame(fr)
     tx = torch.from_numpy(x).cuda()
     copy_ms = median_ms_torch(lambda: tx.clone())
-    t_ms = median_ms_torch(lambda: (torch.tanh(tx * 1.5 + 1.0) * 0.5 + tx).sigmoid() * tx - 0.25)
+    t_ms = median_ms_torch(lambda: CHAIN(tx))
     row("elementwise chain 16M f32 (vs torch eager)", ms, t_ms, bytes_=8 * n)
     row("elementwise chain 16M f32 (vs torch D2D copy)", ms, copy_ms, bytes_=8 * n,
         note=f"flame at {100 * copy_ms / ms:.0f}% of copy bandwidth")
     n = 1 << 26   # the roofline copy's size
-    fr = flame_runner(fn, rnd(n))
+    fr = flame_runner(CHAIN, rnd(n))
     ms = median_ms_flame(fr)
     row("elementwise chain 64M f32 (256 MiB in, 256 MiB out)", ms, float("nan"), bytes_=8 * n, note=roofline(8 * n, ms))
 
@@ -138,7 +141,7 @@ def bench_sweep():
         cr.ELEMENTWISE_PER_THREAD, keep = per, cr.ELEMENTWISE_PER_THREAD
         n = 1 << 24
         x = rnd(n)
-        fr = flame_runner(lambda x: ((x * 1.5 + 1.0).tanh() * 0.5 + x).sigmoid() * x - 0.25, x)
+        fr = flame_runner(CHAIN, x)
         ms = median_ms_flame(fr)
         row(f"sweep: elementwise chain 16M, {per} per thread", ms, float("nan"), bytes_=8 * n, note=roofline(8 * n, ms))
         cr.ELEMENTWISE_PER_THREAD = keep

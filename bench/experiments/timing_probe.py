@@ -5,7 +5,6 @@ timed four ways in one process (bench/timing.py):
   flushed  gated, with L2 overwritten before each repetition (inputs from HBM)
   stream   one pair of events around 50 back-to-back launches, divided by 50
     PYTHONPATH=.:bench python bench/experiments/timing_probe.py"""
-import numpy as np
 import torch
 
 import flame
