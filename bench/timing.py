@@ -18,16 +18,13 @@ import threading
 
 import numpy as np
 
+from flame.runtime.cuda import _ck   # raise on a CUDA driver error, else the values
+
 MODE = "gated"            # or "launch": events around each launch as it is submitted
 FLUSH_L2 = False
 GATE_CHUNK = 10           # repetitions enqueued behind one gate
 GATE_TIMEOUT_S = 5.0      # the host enqueues a chunk in milliseconds; longer means it blocked
 _FLUSH_BYTES = 256 << 20  # H100/H200 L2: 50/60 MB
-
-
-def _ck(res):
-    from flame.runtime.cuda import _ck as ck
-    return ck(res)
 
 
 _flush = {}
