@@ -143,22 +143,29 @@ def _stored_type(d) -> str:
 
 def _elementwise_tiles(desc: Described, per: int) -> list:
     """A thread's `per` outputs, ELEMENTWISE_BLOCK apart: a tile of ELEMENTWISE_BLOCK * per
-    outputs a block, ELEMENTWISE_TILES tiles a block one after another. In a whole tile the
-    stores come after every load and all the arithmetic: a store may alias a later load, so a
-    load written after a store stays behind it (one load in flight a thread does not fill
-    HBM's pipe). With several tiles a block, the next tile's loads are issued before this
-    tile's arithmetic, so a thread has loads in flight while it computes. The last, partial
-    tile (if any) guards each output and keeps the plain order."""
+    outputs a block, ELEMENTWISE_TILES tiles a block one after another. In a whole tile every
+    load is issued first, into local arrays, then the arithmetic, then the stores: a store
+    may alias a later load, so a load written after a store stays behind it, and ptxas moves
+    no load above a branch, which arithmetic such as a division has (its slow path), so a
+    load written after one waits for it. Either way a thread would keep one load in flight,
+    which does not fill HBM's pipe. With several tiles a block, the next tile's loads are
+    issued before this tile's arithmetic, so a thread has loads in flight while it computes.
+    The last, partial tile (if any) guards each output and keeps the plain order."""
     tile, T = ELEMENTWISE_BLOCK * per, ELEMENTWISE_TILES
     whole = desc.n_outer // tile
     loads = sorted({m.group(0) for line in row_steps(desc) for m in _LOAD.finditer(line)})
     index_lines = needed(_coords(desc) + row_steps(desc), loads)   # what the loads' indices read
-    ahead = T > 1 and bool(loads) and _indices_need_no_values(index_lines)
+    hoist = bool(loads) and _indices_need_no_values(index_lines)   # the loads can go first
+    ahead = hoist and T > 1
     out = [f"t0 = cuda.blockIdx.x * {T}" if T > 1 else "t0 = cuda.blockIdx.x",
            f"base = t0 * {tile} + cuda.threadIdx.x"]
     out += [f"k{i}_ = cuda.local.array({per}, {_stored_type(d)})" for i, (*_, d) in enumerate(desc.row_stores)]
     if whole and ahead:
         out += _tiles_loading_ahead(desc, per, loads, index_lines, whole)
+    elif whole and hoist:
+        out += _load_arrays(desc, per, loads, "now")
+        out += [f"if t0 < {whole}:"] + _indent(_fetch("now", "base", per, loads, index_lines) +
+                                               _whole_tile(desc, per, _loaded("now", loads)), 1)
     elif whole:
         out += [f"if t0 < {whole}:"] + _indent(_whole_tile(desc, per), 1)
     if desc.n_outer % tile:   # the block whose tiles reach past the whole ones takes the partial tile
@@ -193,23 +200,33 @@ def _whole_tile(desc: Described, per: int, loaded: dict | None = None) -> list:
 def _tiles_loading_ahead(desc: Described, per: int, loads: list, index_lines: list, whole: int) -> list:
     """The block's whole tiles, each tile's loads into now<j>_ arrays issued one tile ahead
     (into next<j>_ while the tile before computes)."""
-    B, T, tile = ELEMENTWISE_BLOCK, ELEMENTWISE_TILES, ELEMENTWISE_BLOCK * per
-    dtypes = {p[0]: p[1].dtype for p in desc.params}
-
-    def fetch(into, at):
-        return ([f"for u in range({per}):", f"    o = {at} + u * {B}"] + _indent(index_lines, 1) +
-                [f"    {into}{j}_[u] = {ld}" for j, ld in enumerate(loads)])
-    lines = []
-    for j, ld in enumerate(loads):
-        t = _stored_type(dtypes[_LOAD.match(ld).group(1)])
-        lines += [f"now{j}_ = cuda.local.array({per}, {t})", f"next{j}_ = cuda.local.array({per}, {t})"]
+    T, tile = ELEMENTWISE_TILES, ELEMENTWISE_BLOCK * per
+    lines = _load_arrays(desc, per, loads, "now") + _load_arrays(desc, per, loads, "next")
     has_next = f"t < {T - 1} and t0 + t + 1 < {whole}"   # the block's own next tile, if whole
-    step = ([f"if {has_next}:"] + _indent(fetch("next", f"base + {tile}"), 1) +
-            _whole_tile(desc, per, {ld: f"now{j}_" for j, ld in enumerate(loads)}) +
+    step = ([f"if {has_next}:"] + _indent(_fetch("next", f"base + {tile}", per, loads, index_lines), 1) +
+            _whole_tile(desc, per, _loaded("now", loads)) +
             [f"if {has_next}:", f"    for u in range({per}):"] +
             [f"        now{j}_[u] = next{j}_[u]" for j in range(len(loads))] + [f"base += {tile}"])
-    lines += [f"if t0 < {whole}:"] + _indent(fetch("now", "base"), 1)
+    lines += [f"if t0 < {whole}:"] + _indent(_fetch("now", "base", per, loads, index_lines), 1)
     return lines + [f"for t in range({T}):", f"    if t0 + t < {whole}:"] + _indent(step, 2)
+
+
+def _load_arrays(desc: Described, per: int, loads: list, prefix: str) -> list:
+    """A local array <prefix><j>_ of `per` elements for each load, of what the load reads."""
+    dtypes = {p[0]: p[1].dtype for p in desc.params}
+    return [f"{prefix}{j}_ = cuda.local.array({per}, {_stored_type(dtypes[_LOAD.match(ld).group(1)])})"
+            for j, ld in enumerate(loads)]
+
+
+def _fetch(prefix: str, at: str, per: int, loads: list, index_lines: list) -> list:
+    """The loads of the tile at `at`, issued together into the <prefix><j>_ arrays, before
+    anything after them (prelude's _loads_issued)."""
+    return ([f"for u in range({per}):", f"    o = {at} + u * {ELEMENTWISE_BLOCK}"] + _indent(index_lines, 1) +
+            [f"    {prefix}{j}_[u] = {ld}" for j, ld in enumerate(loads)] + ["_loads_issued()"])
+
+
+def _loaded(prefix: str, loads: list) -> dict:
+    return {ld: f"{prefix}{j}_" for j, ld in enumerate(loads)}
 
 
 def _partial_tile(desc: Described, per: int) -> list:

@@ -43,12 +43,28 @@ if numba.config.ENABLE_CUDASIM:   # the simulator has no libdevice bit casts: nu
         w = _lanes[t ^ m]
         cuda.syncthreads()
         return w
+
+    def _loads_issued():
+        pass
 else:
+    from llvmlite import ir as _ir
+    from numba import types as _types
+    from numba.cuda.extending import intrinsic as _intrinsic
     _as_float, _as_int = libdevice.int_as_float, libdevice.float_as_int
 
     @cuda.jit(device=True, inline=True)
     def _shfl_xor(v, m):
         return cuda.shfl_xor_sync(0xFFFFFFFF, v, m)
+
+    @_intrinsic
+    def _loads_issued(typingctx):
+        """The loads above stay above: an empty asm that may touch memory, so NVVM sinks no
+        load below it to its use (ptxas hoists no load back over a branch, and a division's
+        slow path is one). Nothing is emitted for it."""
+        def codegen(context, builder, sig, args):
+            builder.asm(_ir.FunctionType(_ir.VoidType(), []), "", "~{memory}", [], side_effect=True)
+            return context.get_dummy_value()
+        return _types.none(), codegen
 '''
 
 HELPERS = '''
