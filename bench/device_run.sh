@@ -5,7 +5,8 @@
 #   TEST_K="cluster"           only the tests pytest -k selects (default: all of them)
 #   BENCH="--sweep"            arguments of bench/gpu_bench.py ("skip" for no benchmark)
 #   .old/ (optional)           an earlier flame/ and bench/, benchmarked first on the same card
-#                              (git archive <commit> flame bench | tar -x -C .old)
+#                              (git archive <commit> flame bench | tar -x -C .old), with its
+#                              kernels precompiled in .old/.fc if it has one
 #   OLD_BENCH="--only rows"    its benchmark's arguments (default: elementwise, rows, block)
 #   BENCH_TIMEOUT=300          seconds the benchmark may run
 # The benchmark runs before the tests (a run cut by its time limit keeps the figures).
@@ -19,7 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 python3 -c "import numpy, numba, numba_cuda, torch; print('numpy', numpy.__version__, 'numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'torch', torch.__version__)"
 if [ -d .old ] && [ "${BENCH:-}" != skip ]; then
   echo "== before: .old"
-  (cd .old && PYTHONPATH=$PWD:/tmp/site FLAME_CACHE_DIR=/tmp/fc_old timeout 240 python3 bench/gpu_bench.py \
+  (cd .old && PYTHONPATH=$PWD:/tmp/site FLAME_CACHE_DIR=$([ -d .fc ] && echo "$PWD/.fc" || echo /tmp/fc_old) timeout 240 python3 bench/gpu_bench.py \
      ${OLD_BENCH:---only elementwise,rows,block} --out "$OUT/before.json" > "$OUT/before.log" 2>&1; tail -4 "$OUT/before.log")
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
