@@ -28,8 +28,8 @@ NUMBA_TYPE = {dt.f32: "numba.float32", dt.f64: "numba.float64", dt.i32: "numba.i
 ELEMENTWISE_BLOCK = 256
 ELEMENTWISE_PER_THREAD = 4
 # tiles (ELEMENTWISE_BLOCK x ELEMENTWISE_PER_THREAD outputs) a block, in turn, the next one's
-# loads issued before this one's arithmetic; 1: a tile a block (timed on an H100 on 2026-12-07;
-# more are not yet timed on one: bench/experiments/elementwise_sweep.py)
+# loads issued before this one's arithmetic; 1: a tile a block, the fastest on an H100 on
+# 2026-12-07 (2, 4, 8 tiles: 2-7% slower on the chain; bench/experiments/elementwise_sweep.py)
 ELEMENTWISE_TILES = 1
 ONE_PASS_MOMENTS = True   # a row's mean and squared deviations in one exchange (one_pass_moments)
 
