@@ -144,15 +144,16 @@ def _stored_type(d) -> str:
 def _elementwise_tiles(desc: Described, per: int) -> list:
     """A thread's `per` outputs, ELEMENTWISE_BLOCK apart: a tile of ELEMENTWISE_BLOCK * per
     outputs a block, ELEMENTWISE_TILES tiles a block one after another. In a whole tile every
-    load is issued first, into local arrays, then the arithmetic, then the stores: a store
-    may alias a later load, so a load written after a store stays behind it, and ptxas moves
-    no load above a branch, which arithmetic such as a division has (its slow path), so a
-    load after one waits for it; NVVM would sink each load to its use, hence the empty asm
-    barrier after them (prelude's _loads_issued). Either way a thread would keep one load in
-    flight, which does not fill HBM's pipe (on the H100, the tanh/sigmoid chain went from 83%
-    of a copy's rate to 100% with the barrier). With several tiles a block, the next tile's loads are
-    issued before this tile's arithmetic, so a thread has loads in flight while it computes.
-    The last, partial tile (if any) guards each output and keeps the plain order."""
+    load is issued first, into local arrays, then the arithmetic, then the stores, so a thread
+    has all its loads in flight at once (one at a time does not fill HBM's pipe):
+    - a store may alias a later load, so a load written after a store stays behind it;
+    - NVVM sinks each load to its use, and ptxas hoists no load back over a branch, which
+      arithmetic such as a division has (its slow path): the empty asm barrier after the
+      loads (prelude's _loads_issued) keeps them first. On the H100 it took the tanh/sigmoid
+      chain from 83% of a copy's rate to 100%.
+    With several tiles a block, the next tile's loads are issued before this tile's
+    arithmetic, so a thread has loads in flight while it computes. The last, partial tile
+    (if any) guards each output and keeps the plain order."""
     tile, T = ELEMENTWISE_BLOCK * per, ELEMENTWISE_TILES
     whole = desc.n_outer // tile
     loads = sorted({m.group(0) for line in row_steps(desc) for m in _LOAD.finditer(line)})
@@ -228,6 +229,7 @@ def _fetch(prefix: str, at: str, per: int, loads: list, index_lines: list) -> li
 
 
 def _loaded(prefix: str, loads: list) -> dict:
+    """Each load's value, read from its <prefix><j>_ array (what _whole_tile takes)."""
     return {ld: f"{prefix}{j}_" for j, ld in enumerate(loads)}
 
 
